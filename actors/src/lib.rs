@@ -1,0 +1,1 @@
+//! bangerd actors.

@@ -1,0 +1,251 @@
+//! Every message that crosses the socket.
+//!
+//! Append-only: new variants and fields go at the end (see the crate docs).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorData;
+
+/// The first frame a client sends. Its layout must never change: a daemon of
+/// any version has to be able to read it to say "wrong version".
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub client_version: String,
+    pub features: Vec<String>,
+}
+
+impl Hello {
+    /// The hello of this build.
+    pub fn current() -> Self {
+        Self {
+            protocol_version: crate::PROTOCOL_VERSION,
+            client_version: crate::BANGER_VERSION.to_string(),
+            features: crate::FEATURES.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+}
+
+/// The daemon's answer to a [`Hello`] it accepts.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ServerHello {
+    pub protocol_version: u32,
+    pub daemon_version: String,
+    pub features: Vec<String>,
+    pub pid: u32,
+}
+
+/// Frames from a client to the daemon.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    Hello(Hello),
+    /// A request; `id` is chosen by the client and echoed on every frame
+    /// that answers it.
+    Request { id: u64, request: Request },
+    /// Asks the daemon to cancel the request with this id; it still ends
+    /// with a final reply (normally a `Cancelled` error).
+    Cancel { id: u64 },
+}
+
+/// Frames from the daemon to a client.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum ServerMessage {
+    Hello(ServerHello),
+    Progress { id: u64, progress: Progress },
+    /// The one final answer to request `id`.
+    Reply { id: u64, result: Result<Response, ErrorData> },
+    /// A lifecycle event for a subscription opened by request `id`.
+    Event { id: u64, event: Event },
+    /// An error about the connection itself rather than one request: a
+    /// refused handshake, a malformed or oversized frame.
+    Error(ErrorData),
+}
+
+/// One operation per variant.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Ping,
+    Version,
+    Status,
+    /// Graceful daemon shutdown.
+    Shutdown,
+    ConfigShow,
+    DebugActors,
+    /// Kills one actor (chaos testing); only the socket's owner may do this.
+    DebugKillActor { name: String },
+    /// Streams lifecycle events from `since` (exclusive) on, until the client
+    /// disconnects or cancels. `None` means "only new events".
+    SubscribeEvents { since: Option<u64> },
+    Doctor,
+    /// Runs a synthetic long operation that streams `steps` progress events
+    /// `interval_ms` apart: exercises progress, cancellation and disconnects
+    /// end to end (`banger debug progress`).
+    DebugProgress { steps: u32, interval_ms: u64 },
+}
+
+impl Request {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Version => "version",
+            Request::Status => "status",
+            Request::Shutdown => "shutdown",
+            Request::ConfigShow => "config_show",
+            Request::DebugActors => "debug_actors",
+            Request::DebugKillActor { .. } => "debug_kill_actor",
+            Request::SubscribeEvents { .. } => "subscribe_events",
+            Request::Doctor => "doctor",
+            Request::DebugProgress { .. } => "debug_progress",
+        }
+    }
+}
+
+/// Final results, one variant per kind of answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Response {
+    Pong,
+    Version(VersionInfo),
+    Status(DaemonStatus),
+    ShuttingDown,
+    Config(ConfigDump),
+    Actors(Vec<ActorInfo>),
+    ActorKilled { name: String, id: String },
+    /// The subscription ended (the daemon stops or the client cancelled).
+    SubscriptionEnded,
+    Doctor(DoctorReport),
+    Done,
+}
+
+/// A step of a long operation.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Machine-friendly stage name (`resolve`, `download`, `boot`, ...).
+    pub stage: String,
+    /// Human-readable detail of this step.
+    pub detail: String,
+    pub bytes_done: Option<u64>,
+    pub bytes_total: Option<u64>,
+    /// Time since the operation started.
+    pub elapsed_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub daemon_version: String,
+    pub protocol_version: u32,
+    pub features: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_ms: u64,
+    pub socket_path: String,
+    pub state_dir: String,
+    pub config_path: String,
+    pub log_path: String,
+    pub store: StoreStats,
+    pub open_connections: u64,
+    pub events_published: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    pub path: String,
+    pub trees: u64,
+    pub records: u64,
+    pub size_on_disk: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ConfigDump {
+    /// Where the config file is (it may not exist: then everything is default).
+    pub path: String,
+    pub file_exists: bool,
+    /// The effective configuration, as TOML.
+    pub toml: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActorStatus {
+    Running,
+    /// Died and waiting for its backoff to end before it is respawned.
+    Restarting,
+    Stopped,
+    /// Restarted too often in the restart window: escalated to its parent.
+    Escalated,
+}
+
+impl ActorStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorStatus::Running => "running",
+            ActorStatus::Restarting => "restarting",
+            ActorStatus::Stopped => "stopped",
+            ActorStatus::Escalated => "escalated",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ActorInfo {
+    pub name: String,
+    /// ractor's actor id, e.g. `0.12`; empty while not running.
+    pub id: String,
+    pub status: ActorStatus,
+    pub parent: Option<String>,
+    pub restart_count: u32,
+    pub uptime_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckStatus {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl CheckStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckStatus::Pass => "PASS",
+            CheckStatus::Warn => "WARN",
+            CheckStatus::Fail => "FAIL",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DoctorCheck {
+    pub name: String,
+    pub status: CheckStatus,
+    pub detail: String,
+    /// What to do about a WARN or FAIL.
+    pub fix: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DoctorReport {
+    pub checks: Vec<DoctorCheck>,
+}
+
+/// A lifecycle event, numbered in publication order.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub at_unix_ms: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    DaemonStarted { pid: u32, version: String },
+    DaemonStopping,
+    ActorStarted { name: String },
+    ActorRestarted { name: String, restart_count: u32 },
+    ActorFailed { name: String, reason: String },
+    /// A child restarted too often within the window; its supervisor escalates.
+    RestartIntensityExceeded { name: String, restarts: u32, window_ms: u64 },
+}
