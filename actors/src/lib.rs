@@ -1,1 +1,34 @@
-//! bangerd actors.
+//! bangerd's actor tree.
+//!
+//! ```text
+//! supervisor            root: spawns the children linked, restarts them
+//! ├── store             the sled database; every durable record
+//! ├── events            lifecycle events, backlog kept in the store
+//! └── router            owns the listening socket; one task per connection
+//! ```
+//!
+//! Actors are found by their registered name ([`names`]) at the moment they
+//! are needed, so a request never holds a reference to a dead incarnation
+//! of an actor that its supervisor has since replaced.
+
+pub mod ask;
+pub mod events;
+pub mod router;
+pub mod store;
+pub mod supervisor;
+
+/// Registered actor names.
+pub mod names {
+    pub const SUPERVISOR: &str = "supervisor";
+    pub const STORE: &str = "store";
+    pub const EVENTS: &str = "events";
+    pub const ROUTER: &str = "router";
+}
+
+/// Milliseconds since the Unix epoch, for timestamps that travel.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

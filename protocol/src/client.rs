@@ -57,7 +57,10 @@ impl Client {
     pub async fn connect(path: &Path) -> Result<Self, ClientError> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
+            .map_err(|source| ClientError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Self::handshake(stream, Hello::current()).await
     }
 
@@ -67,7 +70,11 @@ impl Client {
         let payload = encode(&ClientMessage::Hello(hello)).map_err(ClientError::Frame)?;
         framed.send(payload).await.map_err(ClientError::Io)?;
         match read_message(&mut framed).await? {
-            ServerMessage::Hello(server) => Ok(Self { framed, next_id: 1, server }),
+            ServerMessage::Hello(server) => Ok(Self {
+                framed,
+                next_id: 1,
+                server,
+            }),
             ServerMessage::Error(err) => Err(ClientError::Daemon(err)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }

@@ -65,7 +65,12 @@ pub struct ErrorData {
 
 impl ErrorData {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), causes: Vec::new(), hint: None }
+        Self {
+            kind,
+            message: message.into(),
+            causes: Vec::new(),
+            hint: None,
+        }
     }
 
     /// Builds an error from any `std::error::Error`, keeping its source chain.
@@ -76,7 +81,12 @@ impl ErrorData {
             causes.push(cause.to_string());
             source = cause.source();
         }
-        Self { kind, message: err.to_string(), causes, hint: None }
+        Self {
+            kind,
+            message: err.to_string(),
+            causes,
+            hint: None,
+        }
     }
 
     pub fn with_cause(mut self, cause: impl Into<String>) -> Self {

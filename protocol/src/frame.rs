@@ -33,7 +33,10 @@ pub fn codec() -> LengthDelimitedCodec {
 pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
     let bytes = postcard::to_stdvec(msg).map_err(FrameError::Encode)?;
     if bytes.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len: bytes.len(), max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_LEN,
+        });
     }
     Ok(Bytes::from(bytes))
 }
@@ -43,11 +46,16 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
 /// for a valid message.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     if payload.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLarge {
+            len: payload.len(),
+            max: MAX_FRAME_LEN,
+        });
     }
     let (msg, rest) = postcard::take_from_bytes(payload).map_err(FrameError::Malformed)?;
     if !rest.is_empty() {
-        return Err(FrameError::Malformed(postcard::Error::DeserializeBadEncoding));
+        return Err(FrameError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(msg)
 }

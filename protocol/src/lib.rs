@@ -13,10 +13,10 @@
 //! could misread a new message. `tests/golden.rs` pins the bytes.
 
 pub mod client;
-pub mod paths;
 mod error;
 mod frame;
 mod messages;
+pub mod paths;
 
 pub use error::{ErrorData, ErrorKind};
 pub use frame::{codec, decode, encode, FrameError, Framed};

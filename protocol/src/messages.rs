@@ -41,21 +41,35 @@ pub enum ClientMessage {
     Hello(Hello),
     /// A request; `id` is chosen by the client and echoed on every frame
     /// that answers it.
-    Request { id: u64, request: Request },
+    Request {
+        id: u64,
+        request: Request,
+    },
     /// Asks the daemon to cancel the request with this id; it still ends
     /// with a final reply (normally a `Cancelled` error).
-    Cancel { id: u64 },
+    Cancel {
+        id: u64,
+    },
 }
 
 /// Frames from the daemon to a client.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum ServerMessage {
     Hello(ServerHello),
-    Progress { id: u64, progress: Progress },
+    Progress {
+        id: u64,
+        progress: Progress,
+    },
     /// The one final answer to request `id`.
-    Reply { id: u64, result: Result<Response, ErrorData> },
+    Reply {
+        id: u64,
+        result: Result<Response, ErrorData>,
+    },
     /// A lifecycle event for a subscription opened by request `id`.
-    Event { id: u64, event: Event },
+    Event {
+        id: u64,
+        event: Event,
+    },
     /// An error about the connection itself rather than one request: a
     /// refused handshake, a malformed or oversized frame.
     Error(ErrorData),
@@ -72,15 +86,22 @@ pub enum Request {
     ConfigShow,
     DebugActors,
     /// Kills one actor (chaos testing); only the socket's owner may do this.
-    DebugKillActor { name: String },
+    DebugKillActor {
+        name: String,
+    },
     /// Streams lifecycle events from `since` (exclusive) on, until the client
     /// disconnects or cancels. `None` means "only new events".
-    SubscribeEvents { since: Option<u64> },
+    SubscribeEvents {
+        since: Option<u64>,
+    },
     Doctor,
     /// Runs a synthetic long operation that streams `steps` progress events
     /// `interval_ms` apart: exercises progress, cancellation and disconnects
     /// end to end (`banger debug progress`).
-    DebugProgress { steps: u32, interval_ms: u64 },
+    DebugProgress {
+        steps: u32,
+        interval_ms: u64,
+    },
 }
 
 impl Request {
@@ -110,7 +131,10 @@ pub enum Response {
     ShuttingDown,
     Config(ConfigDump),
     Actors(Vec<ActorInfo>),
-    ActorKilled { name: String, id: String },
+    ActorKilled {
+        name: String,
+        id: String,
+    },
     /// The subscription ended (the daemon stops or the client cancelled).
     SubscriptionEnded,
     Doctor(DoctorReport),
@@ -241,11 +265,26 @@ pub struct Event {
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
-    DaemonStarted { pid: u32, version: String },
+    DaemonStarted {
+        pid: u32,
+        version: String,
+    },
     DaemonStopping,
-    ActorStarted { name: String },
-    ActorRestarted { name: String, restart_count: u32 },
-    ActorFailed { name: String, reason: String },
+    ActorStarted {
+        name: String,
+    },
+    ActorRestarted {
+        name: String,
+        restart_count: u32,
+    },
+    ActorFailed {
+        name: String,
+        reason: String,
+    },
     /// A child restarted too often within the window; its supervisor escalates.
-    RestartIntensityExceeded { name: String, restarts: u32, window_ms: u64 },
+    RestartIntensityExceeded {
+        name: String,
+        restarts: u32,
+        window_ms: u64,
+    },
 }

@@ -36,10 +36,14 @@ impl Paths {
         let home = abs("HOME");
         let config_base = abs("XDG_CONFIG_HOME")
             .or_else(|| home.as_ref().map(|h| h.join(".config")))
-            .ok_or(PathsError { var: "XDG_CONFIG_HOME" })?;
+            .ok_or(PathsError {
+                var: "XDG_CONFIG_HOME",
+            })?;
         let state_base = abs("XDG_STATE_HOME")
             .or_else(|| home.as_ref().map(|h| h.join(".local/state")))
-            .ok_or(PathsError { var: "XDG_STATE_HOME" })?;
+            .ok_or(PathsError {
+                var: "XDG_STATE_HOME",
+            })?;
         let runtime_dir = match abs("XDG_RUNTIME_DIR") {
             Some(dir) => dir.join("banger"),
             None => {
@@ -95,7 +99,12 @@ mod tests {
     use super::*;
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| OsString::from(v))
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| OsString::from(v))
+        }
     }
 
     #[test]

@@ -1,0 +1,60 @@
+//! Asking a named actor something, with a timeout, turning every way the
+//! exchange can fail into an [`ErrorData`] a client can act on.
+
+use std::time::Duration;
+
+use banger_protocol::{ErrorData, ErrorKind};
+use ractor::{rpc::CallResult, ActorRef, Message, RpcReplyPort};
+
+/// Looks up the actor registered as `name`.
+pub fn lookup<M: Message>(name: &str) -> Result<ActorRef<M>, ErrorData> {
+    ractor::registry::where_is(name.to_string())
+        .map(ActorRef::<M>::from)
+        .ok_or_else(|| unavailable(name, "is not running"))
+}
+
+/// Sends `build(reply)` to the actor registered as `name` and waits up to
+/// `timeout` for the answer.
+pub async fn ask<M, T>(
+    name: &str,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+    timeout: Duration,
+) -> Result<T, ErrorData>
+where
+    M: Message,
+    T: Send + 'static,
+{
+    let actor = lookup::<M>(name)?;
+    ask_ref(name, &actor, build, timeout).await
+}
+
+/// Like [`ask`], for an actor reference already in hand.
+pub async fn ask_ref<M, T>(
+    name: &str,
+    actor: &ActorRef<M>,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+    timeout: Duration,
+) -> Result<T, ErrorData>
+where
+    M: Message,
+    T: Send + 'static,
+{
+    match actor.call(build, Some(timeout)).await {
+        Ok(CallResult::Success(value)) => Ok(value),
+        Ok(CallResult::Timeout) => Err(ErrorData::new(
+            ErrorKind::Timeout,
+            format!(
+                "the {name} actor did not answer within {}s",
+                timeout.as_secs_f32()
+            ),
+        )
+        .with_hint("see `banger daemon logs`; the request can be retried")),
+        Ok(CallResult::SenderError) => Err(unavailable(name, "stopped before answering")),
+        Err(_) => Err(unavailable(name, "is not running")),
+    }
+}
+
+fn unavailable(name: &str, what: &str) -> ErrorData {
+    ErrorData::new(ErrorKind::Unavailable, format!("the {name} actor {what}"))
+        .with_hint("its supervisor restarts it within moments; retry the command")
+}

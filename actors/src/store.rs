@@ -1,0 +1,549 @@
+//! The Store actor: owns the sled database. Every durable record of the
+//! daemon goes through it, as (tree, key, value) bytes; typed records are
+//! postcard-encoded by their owners.
+//!
+//! Durability contract: a write is acknowledged only after sled has
+//! flushed it to the file, so an acknowledged write survives the daemon
+//! being killed at any moment (tested by `tests/crash.rs`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use banger_protocol::{ErrorData, ErrorKind, StoreStats};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::{info, warn};
+
+use crate::{ask::ask, names};
+
+/// Errors of the store, as seen by callers.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database at {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("database operation failed")]
+    Db(#[from] sled::Error),
+}
+
+impl From<StoreError> for ErrorData {
+    fn from(err: StoreError) -> Self {
+        ErrorData::from_error(ErrorKind::Internal, &err)
+            .with_hint("check free disk space and `banger daemon logs`")
+    }
+}
+
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+pub enum StoreMsg {
+    /// Writes `value` at `key`; answered once the write is on disk.
+    Put {
+        tree: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: RpcReplyPort<Result<(), ErrorData>>,
+    },
+    /// Writes and removes in one atomic, durable step.
+    Batch {
+        tree: String,
+        puts: Entries,
+        removes: Vec<Vec<u8>>,
+        reply: RpcReplyPort<Result<(), ErrorData>>,
+    },
+    Get {
+        tree: String,
+        key: Vec<u8>,
+        reply: RpcReplyPort<Result<Option<Vec<u8>>, ErrorData>>,
+    },
+    /// Removes `key`; answers whether it existed, once the removal is on disk.
+    Delete {
+        tree: String,
+        key: Vec<u8>,
+        reply: RpcReplyPort<Result<bool, ErrorData>>,
+    },
+    /// Every entry of `tree` whose key starts with `prefix`, in key order.
+    Scan {
+        tree: String,
+        prefix: Vec<u8>,
+        reply: RpcReplyPort<Result<Entries, ErrorData>>,
+    },
+    /// The last `limit` entries of `tree` in key order.
+    Tail {
+        tree: String,
+        limit: usize,
+        reply: RpcReplyPort<Result<Entries, ErrorData>>,
+    },
+    Stats {
+        reply: RpcReplyPort<Result<StoreStats, ErrorData>>,
+    },
+}
+
+impl std::fmt::Debug for StoreMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            StoreMsg::Put { .. } => "Put",
+            StoreMsg::Batch { .. } => "Batch",
+            StoreMsg::Get { .. } => "Get",
+            StoreMsg::Delete { .. } => "Delete",
+            StoreMsg::Scan { .. } => "Scan",
+            StoreMsg::Tail { .. } => "Tail",
+            StoreMsg::Stats { .. } => "Stats",
+        };
+        f.write_str(name)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Store;
+
+#[derive(Debug, Clone)]
+pub struct StoreArgs {
+    pub path: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct StoreState {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+/// Opens the database, waiting briefly if a previous incarnation of this
+/// actor (killed, not yet dropped) still holds its file lock.
+fn open(path: &PathBuf) -> Result<sled::Db, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(err) => {
+                let locked = matches!(&err, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    || err.to_string().contains("lock");
+                attempt += 1;
+                if !locked || attempt >= 40 {
+                    return Err(StoreError::Open {
+                        path: path.clone(),
+                        source: err,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+    }
+}
+
+impl StoreState {
+    fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut records = 0u64;
+        let mut trees = 0u64;
+        for name in self.db.tree_names() {
+            if name.as_ref() == b"__sled__default" {
+                continue;
+            }
+            trees += 1;
+            records += self.db.open_tree(name)?.len() as u64;
+        }
+        Ok(StoreStats {
+            path: self.path.display().to_string(),
+            trees,
+            records,
+            size_on_disk: self.db.size_on_disk()?,
+        })
+    }
+}
+
+impl Actor for Store {
+    type Msg = StoreMsg;
+    type State = StoreState;
+    type Arguments = StoreArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<StoreMsg>,
+        args: StoreArgs,
+    ) -> Result<StoreState, ActorProcessingErr> {
+        let path = args.path.clone();
+        let db = tokio::task::spawn_blocking(move || open(&path)).await??;
+        info!(path = %args.path.display(), recovered = db.was_recovered(), "store opened");
+        Ok(StoreState {
+            db,
+            path: args.path,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<StoreMsg>,
+        state: &mut StoreState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Err(err) = state.db.flush_async().await {
+            warn!(error = %err, "store flush on stop failed");
+        }
+        info!("store closed");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<StoreMsg>,
+        msg: StoreMsg,
+        state: &mut StoreState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Domain errors go back through the reply port; only a failure to
+        // even reach the database would be worth dying for, and sled
+        // reports those as errors too, so the actor never returns Err.
+        match msg {
+            StoreMsg::Put {
+                tree,
+                key,
+                value,
+                reply,
+            } => {
+                let res = async {
+                    state.tree(&tree)?.insert(key, value)?;
+                    state.db.flush_async().await?;
+                    Ok::<_, StoreError>(())
+                }
+                .await;
+                let _ = reply.send(res.map_err(ErrorData::from));
+            }
+            StoreMsg::Batch {
+                tree,
+                puts,
+                removes,
+                reply,
+            } => {
+                let res = async {
+                    let mut batch = sled::Batch::default();
+                    for (k, v) in puts {
+                        batch.insert(k, v);
+                    }
+                    for k in removes {
+                        batch.remove(k);
+                    }
+                    state.tree(&tree)?.apply_batch(batch)?;
+                    state.db.flush_async().await?;
+                    Ok::<_, StoreError>(())
+                }
+                .await;
+                let _ = reply.send(res.map_err(ErrorData::from));
+            }
+            StoreMsg::Get { tree, key, reply } => {
+                let res =
+                    (|| Ok::<_, StoreError>(state.tree(&tree)?.get(key)?.map(|v| v.to_vec())))();
+                let _ = reply.send(res.map_err(ErrorData::from));
+            }
+            StoreMsg::Delete { tree, key, reply } => {
+                let res = async {
+                    let existed = state.tree(&tree)?.remove(key)?.is_some();
+                    state.db.flush_async().await?;
+                    Ok::<_, StoreError>(existed)
+                }
+                .await;
+                let _ = reply.send(res.map_err(ErrorData::from));
+            }
+            StoreMsg::Scan {
+                tree,
+                prefix,
+                reply,
+            } => {
+                let res = (|| {
+                    state
+                        .tree(&tree)?
+                        .scan_prefix(prefix)
+                        .map(|kv| {
+                            kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                                .map_err(StoreError::from)
+                        })
+                        .collect::<Result<Entries, StoreError>>()
+                })();
+                let _ = reply.send(res.map_err(ErrorData::from));
+            }
+            StoreMsg::Tail { tree, limit, reply } => {
+                let res = (|| {
+                    let mut out = state
+                        .tree(&tree)?
+                        .iter()
+                        .rev()
+                        .take(limit)
+                        .map(|kv| {
+                            kv.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                                .map_err(StoreError::from)
+                        })
+                        .collect::<Result<Entries, StoreError>>()?;
+                    out.reverse();
+                    Ok::<_, StoreError>(out)
+                })();
+                let _ = reply.send(res.map_err(ErrorData::from));
+            }
+            StoreMsg::Stats { reply } => {
+                let _ = reply.send(state.stats().map_err(ErrorData::from));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to the Store actor for other actors and request handlers.
+/// Looks the actor up on every call, so it follows restarts.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreClient {
+    pub timeout: Duration,
+}
+
+impl StoreClient {
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+
+    pub async fn put<T: Serialize>(
+        &self,
+        tree: &str,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), ErrorData> {
+        let value = encode_record(value)?;
+        let tree = tree.to_string();
+        let key = key.to_vec();
+        ask(
+            names::STORE,
+            |reply| StoreMsg::Put {
+                tree,
+                key,
+                value,
+                reply,
+            },
+            self.timeout,
+        )
+        .await?
+    }
+
+    pub async fn put_raw(&self, tree: &str, key: &[u8], value: Vec<u8>) -> Result<(), ErrorData> {
+        let tree = tree.to_string();
+        let key = key.to_vec();
+        ask(
+            names::STORE,
+            |reply| StoreMsg::Put {
+                tree,
+                key,
+                value,
+                reply,
+            },
+            self.timeout,
+        )
+        .await?
+    }
+
+    pub async fn batch(
+        &self,
+        tree: &str,
+        puts: Entries,
+        removes: Vec<Vec<u8>>,
+    ) -> Result<(), ErrorData> {
+        let tree = tree.to_string();
+        ask(
+            names::STORE,
+            |reply| StoreMsg::Batch {
+                tree,
+                puts,
+                removes,
+                reply,
+            },
+            self.timeout,
+        )
+        .await?
+    }
+
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        tree: &str,
+        key: &[u8],
+    ) -> Result<Option<T>, ErrorData> {
+        let tree_name = tree.to_string();
+        let key = key.to_vec();
+        let raw = ask(
+            names::STORE,
+            |reply| StoreMsg::Get {
+                tree: tree_name,
+                key,
+                reply,
+            },
+            self.timeout,
+        )
+        .await??;
+        raw.map(|bytes| decode_record(tree, &bytes)).transpose()
+    }
+
+    pub async fn delete(&self, tree: &str, key: &[u8]) -> Result<bool, ErrorData> {
+        let tree = tree.to_string();
+        let key = key.to_vec();
+        ask(
+            names::STORE,
+            |reply| StoreMsg::Delete { tree, key, reply },
+            self.timeout,
+        )
+        .await?
+    }
+
+    pub async fn scan_raw(&self, tree: &str, prefix: &[u8]) -> Result<Entries, ErrorData> {
+        let tree = tree.to_string();
+        let prefix = prefix.to_vec();
+        ask(
+            names::STORE,
+            |reply| StoreMsg::Scan {
+                tree,
+                prefix,
+                reply,
+            },
+            self.timeout,
+        )
+        .await?
+    }
+
+    pub async fn tail_raw(&self, tree: &str, limit: usize) -> Result<Entries, ErrorData> {
+        let tree = tree.to_string();
+        ask(
+            names::STORE,
+            |reply| StoreMsg::Tail { tree, limit, reply },
+            self.timeout,
+        )
+        .await?
+    }
+
+    pub async fn stats(&self) -> Result<StoreStats, ErrorData> {
+        ask(
+            names::STORE,
+            |reply| StoreMsg::Stats { reply },
+            self.timeout,
+        )
+        .await?
+    }
+}
+
+pub fn encode_record<T: Serialize>(value: &T) -> Result<Vec<u8>, ErrorData> {
+    postcard::to_stdvec(value).map_err(|e| {
+        ErrorData::from_error(ErrorKind::Internal, &e).with_cause("encoding a store record")
+    })
+}
+
+pub fn decode_record<T: DeserializeOwned>(tree: &str, bytes: &[u8]) -> Result<T, ErrorData> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        ErrorData::new(
+            ErrorKind::Internal,
+            format!("a record in store tree `{tree}` is unreadable"),
+        )
+        .with_cause(e.to_string())
+        .with_hint("the database may have been written by an incompatible banger version")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_scan_tail_delete_roundtrip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, handle) = Actor::spawn(
+            None,
+            Store,
+            StoreArgs {
+                path: dir.path().join("db"),
+            },
+        )
+        .await
+        .expect("spawn");
+        let t = Duration::from_secs(5);
+        for i in 0u8..5 {
+            let res: Result<(), ErrorData> = crate::ask::ask_ref(
+                "store",
+                &store,
+                |reply| StoreMsg::Put {
+                    tree: "t".into(),
+                    key: vec![b'k', i],
+                    value: vec![i],
+                    reply,
+                },
+                t,
+            )
+            .await
+            .expect("call");
+            res.expect("put");
+        }
+        let got = crate::ask::ask_ref(
+            "store",
+            &store,
+            |reply| StoreMsg::Get {
+                tree: "t".into(),
+                key: vec![b'k', 3],
+                reply,
+            },
+            t,
+        )
+        .await
+        .expect("call")
+        .expect("get");
+        assert_eq!(got, Some(vec![3]));
+        let tail = crate::ask::ask_ref(
+            "store",
+            &store,
+            |reply| StoreMsg::Tail {
+                tree: "t".into(),
+                limit: 2,
+                reply,
+            },
+            t,
+        )
+        .await
+        .expect("call")
+        .expect("tail");
+        assert_eq!(
+            tail.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        let existed = crate::ask::ask_ref(
+            "store",
+            &store,
+            |reply| StoreMsg::Delete {
+                tree: "t".into(),
+                key: vec![b'k', 0],
+                reply,
+            },
+            t,
+        )
+        .await
+        .expect("call")
+        .expect("delete");
+        assert!(existed);
+        let all = crate::ask::ask_ref(
+            "store",
+            &store,
+            |reply| StoreMsg::Scan {
+                tree: "t".into(),
+                prefix: b"k".to_vec(),
+                reply,
+            },
+            t,
+        )
+        .await
+        .expect("call")
+        .expect("scan");
+        assert_eq!(all.len(), 4);
+        let stats = crate::ask::ask_ref("store", &store, |reply| StoreMsg::Stats { reply }, t)
+            .await
+            .expect("call")
+            .expect("stats");
+        assert_eq!((stats.trees, stats.records), (1, 4));
+        store.stop(None);
+        handle.await.expect("join");
+    }
+}

@@ -1,0 +1,214 @@
+//! `config.toml`: every key documented and defaulted. A missing file means
+//! all defaults; an unknown key or a bad value is an error that names the
+//! file and the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid config file {}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Log filter for the log file and stderr (`error`, `warn`, `info`,
+    /// `debug`, `trace`, or a tracing directive such as `banger=debug`).
+    /// `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// Group that may use the socket. Empty: the socket is owner-only
+    /// (0600). Set: the socket is 0660 and owned by this group, as Docker
+    /// does with the `docker` group.
+    pub socket_group: String,
+    /// How long a request waits for the actor that owns it before it is
+    /// answered with a timeout error.
+    pub request_timeout_secs: u64,
+    pub supervisor: SupervisorConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// Restart policy of the root supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// Restart intensity: more than this many restarts of one actor ...
+    pub max_restarts: u32,
+    /// ... within this many seconds makes the supervisor give up and stop
+    /// the daemon (exit code 3).
+    pub restart_window_secs: u64,
+    /// First restart delay; it doubles with each restart in the window.
+    pub backoff_initial_ms: u64,
+    /// Upper bound of the restart delay.
+    pub backoff_max_ms: u64,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight requests may run on after SIGTERM/SIGINT or
+    /// `banger daemon stop` before they are cancelled.
+    pub grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            socket_group: String::new(),
+            request_timeout_secs: 30,
+            supervisor: SupervisorConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            max_restarts: 5,
+            restart_window_secs: 30,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5000,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_secs: 10 }
+    }
+}
+
+impl Config {
+    /// Loads `path`; a missing file gives the defaults.
+    pub fn load(path: &Path) -> Result<(Self, bool), ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Self::default(), false))
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok((config, true))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.request_timeout_secs == 0 {
+            return Err("request_timeout_secs must be at least 1".into());
+        }
+        if self.supervisor.restart_window_secs == 0 {
+            return Err("supervisor.restart_window_secs must be at least 1".into());
+        }
+        if self.supervisor.backoff_initial_ms > self.supervisor.backoff_max_ms {
+            return Err(
+                "supervisor.backoff_initial_ms must not exceed supervisor.backoff_max_ms".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// The effective configuration as TOML, for `banger config show`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_gives_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (config, exists) = Config::load(&dir.path().join("none.toml")).expect("load");
+        assert!(!exists);
+        assert_eq!(config, Config::default());
+        assert_eq!(config.supervisor.max_restarts, 5);
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "socket_group = \"kvm\"\n[supervisor]\nmax_restarts = 9\n",
+        )
+        .expect("write");
+        let (config, exists) = Config::load(&path).expect("load");
+        assert!(exists);
+        assert_eq!(config.socket_group, "kvm");
+        assert_eq!(config.supervisor.max_restarts, 9);
+        assert_eq!(config.supervisor.restart_window_secs, 30);
+        assert_eq!(config.shutdown.grace_secs, 10);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "sokcet_group = \"kvm\"\n").expect("write");
+        let err = Config::load(&path).expect_err("must fail");
+        let chain = format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
+        assert!(chain.contains("sokcet_group"), "{chain}");
+        assert!(chain.contains("config.toml"), "{chain}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "request_timeout_secs = 0\n").expect("write");
+        assert!(matches!(
+            Config::load(&path),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn rendered_toml_parses_back() {
+        let config = Config::default();
+        let back: Config = toml::from_str(&config.to_toml()).expect("parse");
+        assert_eq!(back, config);
+    }
+}
