@@ -212,3 +212,18 @@ mod tests {
         assert_eq!(back, config);
     }
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    /// docs/configuration.md shows every key with its default: keep it true.
+    #[test]
+    fn documented_config_is_the_default() {
+        let doc = include_str!("../../docs/configuration.md");
+        let start = doc.find("```toml\n").expect("toml block") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("end of block");
+        let documented: Config = toml::from_str(&doc[start..end]).expect("documented config parses");
+        assert_eq!(documented, Config::default());
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian 12 machine (as root) and runs banger's whole test
+# suite: unit tests, protocol golden/robustness tests, the store crash test
+# and the integration tests that drive real bangerd processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+# What the tests meet for real. Only install what is missing, so a warm
+# machine does not pay for apt.
+packages=(build-essential pkg-config e2fsprogs qemu-system-x86 nftables iproute2 procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+  # Debian's own toolchain; banger needs Rust >= 1.85 (see README).
+  apt-get install -y -qq cargo
+fi
+
+cargo --version
+# Binaries first: the integration tests run the real bangerd and banger.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked --no-fail-fast -- --test-threads=4
