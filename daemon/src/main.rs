@@ -83,6 +83,10 @@ impl HostServices for DaemonHost {
 
 async fn run() -> anyhow::Result<ExitCode> {
     let started_at = Instant::now();
+    // Before anything can connect: a signal that arrives right after the
+    // socket answers must find the handlers in place, not kill us outright.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let paths = Paths::from_env()?;
     let config_path = paths.config_file();
     let (config, config_exists) = Config::load(&config_path)?;
@@ -183,8 +187,6 @@ async fn run() -> anyhow::Result<ExitCode> {
         "bangerd ready"
     );
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let escalated = tokio::select! {
         _ = sigterm.recv() => { info!("SIGTERM received; shutting down"); false }
         _ = sigint.recv() => { info!("SIGINT received; shutting down"); false }

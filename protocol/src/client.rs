@@ -116,7 +116,7 @@ impl Client {
     pub async fn request_with_progress(
         &mut self,
         request: Request,
-        mut on_progress: impl FnMut(Progress),
+        mut on_progress: impl FnMut(Progress) + Send,
     ) -> Result<Response, ClientError> {
         let id = self.send(request).await?;
         self.wait_reply(id, &mut on_progress, &mut |_| {}).await
@@ -127,8 +127,8 @@ impl Client {
     pub async fn wait_reply(
         &mut self,
         id: u64,
-        on_progress: &mut dyn FnMut(Progress),
-        on_event: &mut dyn FnMut(Event),
+        on_progress: &mut (dyn FnMut(Progress) + Send),
+        on_event: &mut (dyn FnMut(Event) + Send),
     ) -> Result<Response, ClientError> {
         loop {
             match self.next_message().await? {

@@ -19,7 +19,10 @@ mod messages;
 pub mod paths;
 
 pub use error::{ErrorData, ErrorKind};
-pub use frame::{codec, decode, encode, FrameError, Framed};
+pub use frame::{
+    codec, decode, encode, is_frame_too_large, FrameCodec, FrameError, FrameTooLarge, Framed,
+    TruncatedFrame,
+};
 pub use messages::*;
 
 /// Version of the wire format. A daemon refuses a client with another one.

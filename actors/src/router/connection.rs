@@ -20,7 +20,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodecError};
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -50,10 +50,7 @@ async fn serve_inner(stream: UnixStream, ctx: Arc<RouterContext>, peer_uid: Opti
 }
 
 async fn write_loop(
-    mut sink: FramedWrite<
-        tokio::net::unix::OwnedWriteHalf,
-        tokio_util::codec::LengthDelimitedCodec,
-    >,
+    mut sink: FramedWrite<tokio::net::unix::OwnedWriteHalf, banger_protocol::FrameCodec>,
     mut rx: mpsc::Receiver<ServerMessage>,
 ) {
     while let Some(msg) = rx.recv().await {
@@ -89,10 +86,7 @@ async fn write_loop(
 }
 
 fn frame_error(err: &std::io::Error) -> ErrorData {
-    let too_large = err
-        .get_ref()
-        .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>());
-    if too_large {
+    if banger_protocol::is_frame_too_large(err) {
         ErrorData::new(
             ErrorKind::FrameTooLarge,
             format!("frame exceeds the limit of {MAX_FRAME_LEN} bytes; closing the connection"),
@@ -104,10 +98,7 @@ fn frame_error(err: &std::io::Error) -> ErrorData {
 
 /// Reads and answers the hello. Returns false when the connection must close.
 async fn handshake(
-    reader: &mut FramedRead<
-        tokio::net::unix::OwnedReadHalf,
-        tokio_util::codec::LengthDelimitedCodec,
-    >,
+    reader: &mut FramedRead<tokio::net::unix::OwnedReadHalf, banger_protocol::FrameCodec>,
     out: &mpsc::Sender<ServerMessage>,
 ) -> bool {
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
@@ -155,10 +146,7 @@ async fn handshake(
 }
 
 async fn request_loop(
-    reader: &mut FramedRead<
-        tokio::net::unix::OwnedReadHalf,
-        tokio_util::codec::LengthDelimitedCodec,
-    >,
+    reader: &mut FramedRead<tokio::net::unix::OwnedReadHalf, banger_protocol::FrameCodec>,
     out: &mpsc::Sender<ServerMessage>,
     ctx: &Arc<RouterContext>,
     peer_uid: Option<u32>,
