@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-# What the tests meet for real. Only install what is missing, so a warm
+# What the tests meet for real: a registry (docker-registry) to pull from,
+# umoci to compare unpacked trees with, mmdebstrap for the golden image,
+# Debian's cloud kernel to import and inspect. Only install what is missing, so a warm
 # machine does not pay for apt.
-packages=(build-essential pkg-config e2fsprogs qemu-system-x86 nftables iproute2 procps)
+packages=(build-essential pkg-config e2fsprogs qemu-system-x86 nftables iproute2 procps
+  docker-registry skopeo umoci apache2-utils busybox-static mmdebstrap linux-image-cloud-amd64
+  coreutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

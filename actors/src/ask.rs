@@ -58,3 +58,33 @@ fn unavailable(name: &str, what: &str) -> ErrorData {
     ErrorData::new(ErrorKind::Unavailable, format!("the {name} actor {what}"))
         .with_hint("its supervisor restarts it within moments; retry the command")
 }
+
+/// Like [`ask`], but waits out a restart of the actor: `Unavailable`
+/// answers are retried for up to `patience`. For the final step of long
+/// operations (publishing a pulled image), which should not be lost to a
+/// supervisor restarting the registry at that moment.
+pub async fn ask_patiently<M, T>(
+    name: &str,
+    mut build: impl FnMut(RpcReplyPort<T>) -> M,
+    timeout: Duration,
+    patience: Duration,
+) -> Result<T, ErrorData>
+where
+    M: Message,
+    T: Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match ask(name, &mut build, timeout).await {
+            Err(err)
+                if err.kind == ErrorKind::Unavailable
+                    && tokio::time::Instant::now() + delay < deadline =>
+            {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}

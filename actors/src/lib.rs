@@ -4,6 +4,8 @@
 //! supervisor            root: spawns the children linked, restarts them
 //! ├── store             the sled database; every durable record
 //! ├── events            lifecycle events, backlog kept in the store
+//! ├── kernels           kernel records; publication window for new kernels
+//! ├── images            image records; publication window for new images
 //! └── router            owns the listening socket; one task per connection
 //! ```
 //!
@@ -13,6 +15,11 @@
 
 pub mod ask;
 pub mod events;
+pub mod fsutil;
+pub mod images;
+pub mod kernels;
+pub mod layout;
+pub mod records;
 pub mod router;
 pub mod store;
 pub mod supervisor;
@@ -23,6 +30,8 @@ pub mod names {
     pub const STORE: &str = "store";
     pub const EVENTS: &str = "events";
     pub const ROUTER: &str = "router";
+    pub const KERNELS: &str = "kernels";
+    pub const IMAGES: &str = "images";
 }
 
 /// Milliseconds since the Unix epoch, for timestamps that travel.

@@ -42,6 +42,32 @@ pub struct Config {
     pub request_timeout_secs: u64,
     pub supervisor: SupervisorConfig,
     pub shutdown: ShutdownConfig,
+    pub images: ImagesConfig,
+}
+
+/// Images and kernels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Largest number of bytes an image pull may write while unpacking its
+    /// layers (a decompression bomb stops here).
+    pub max_image_bytes: u64,
+    /// Kernel paired with pulled images when `--kernel` is not given;
+    /// empty for none. Pulled from the kernel catalog when missing.
+    pub default_kernel: String,
+    /// A kernel catalog file replacing the embedded one (e.g. a local
+    /// mirror); empty for the embedded catalog.
+    pub kernel_catalog: String,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: 64 << 30,
+            default_kernel: String::new(),
+            kernel_catalog: String::new(),
+        }
+    }
 }
 
 /// Restart policy of the root supervisor.
@@ -76,6 +102,7 @@ impl Default for Config {
             request_timeout_secs: 30,
             supervisor: SupervisorConfig::default(),
             shutdown: ShutdownConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }
@@ -134,6 +161,9 @@ impl Config {
             return Err(
                 "supervisor.backoff_initial_ms must not exceed supervisor.backoff_max_ms".into(),
             );
+        }
+        if self.images.max_image_bytes < 1 << 20 {
+            return Err("images.max_image_bytes must be at least 1 MiB".into());
         }
         Ok(())
     }
@@ -223,7 +253,8 @@ mod docs_tests {
         let doc = include_str!("../../docs/configuration.md");
         let start = doc.find("```toml\n").expect("toml block") + "```toml\n".len();
         let end = start + doc[start..].find("```").expect("end of block");
-        let documented: Config = toml::from_str(&doc[start..end]).expect("documented config parses");
+        let documented: Config =
+            toml::from_str(&doc[start..end]).expect("documented config parses");
         assert_eq!(documented, Config::default());
     }
 }

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use banger_actors::events::{self, Events, EventsArgs};
+use banger_actors::images::{ImageRegistry, ImageSettings, ImagesArgs, NoVms};
+use banger_actors::kernels::{KernelRegistry, KernelsArgs};
+use banger_actors::layout::Layout;
 use banger_actors::names;
 use banger_actors::router::{DaemonInfo, HostServices, Router, RouterArgs, RouterContext};
 use banger_actors::store::{Store, StoreArgs};
@@ -134,7 +137,22 @@ async fn run() -> anyhow::Result<ExitCode> {
         }),
         open_connections: AtomicU64::new(0),
         total_connections: AtomicU64::new(0),
+        images: ImageSettings {
+            max_image_bytes: config.images.max_image_bytes,
+            default_kernel: Some(config.images.default_kernel.clone()).filter(|k| !k.is_empty()),
+            kernel_catalog: Some(PathBuf::from(&config.images.kernel_catalog))
+                .filter(|p| !p.as_os_str().is_empty()),
+            config_dir: paths.config_dir.clone(),
+        },
     });
+    let layout = Layout::new(&paths.state_dir);
+    let leftovers = layout.reconcile();
+    if leftovers > 0 {
+        warn!(
+            removed = leftovers,
+            "removed unfinished staging dirs of a previous run"
+        );
+    }
 
     let escalation = CancellationToken::new();
     let children = vec![
@@ -150,6 +168,23 @@ async fn run() -> anyhow::Result<ExitCode> {
             Events,
             EventsArgs {
                 store_timeout: config.request_timeout(),
+            },
+        ),
+        ChildSpec::new(
+            names::KERNELS,
+            KernelRegistry,
+            KernelsArgs {
+                layout: layout.clone(),
+                store_timeout: config.request_timeout(),
+            },
+        ),
+        ChildSpec::new(
+            names::IMAGES,
+            ImageRegistry,
+            ImagesArgs {
+                layout,
+                store_timeout: config.request_timeout(),
+                users: Arc::new(NoVms),
             },
         ),
         ChildSpec::new(

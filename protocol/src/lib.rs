@@ -15,6 +15,7 @@
 pub mod client;
 mod error;
 mod frame;
+pub mod images;
 mod messages;
 pub mod paths;
 
@@ -23,6 +24,7 @@ pub use frame::{
     codec, decode, encode, is_frame_too_large, FrameCodec, FrameError, FrameTooLarge, Framed,
     TruncatedFrame,
 };
+pub use images::*;
 pub use messages::*;
 
 /// Version of the wire format. A daemon refuses a client with another one.

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::images::*;
 use crate::ErrorData;
 
 /// The first frame a client sends. Its layout must never change: a daemon of
@@ -102,6 +103,40 @@ pub enum Request {
         steps: u32,
         interval_ms: u64,
     },
+    ImageList,
+    ImageShow {
+        name: String,
+    },
+    /// Pulls an OCI image and builds its ext4 rootfs (streams progress).
+    ImagePull(ImagePullRequest),
+    /// Adopts an existing ext4 rootfs (unmanaged: banger does not own the file).
+    ImageRegister(ImageRegisterRequest),
+    /// Copies an unmanaged image's files into managed storage.
+    ImagePromote {
+        name: String,
+    },
+    /// Deletes an image; refused while a VM uses it.
+    ImageDelete {
+        name: String,
+    },
+    /// Removes cached layers no image references, and leftover staging dirs.
+    ImagePrune,
+    /// Builds an image from the Debian archive with mmdebstrap (streams progress).
+    ImageBuild(ImageBuildRequest),
+    ImageCatalog,
+    KernelList,
+    KernelShow {
+        name: String,
+    },
+    KernelImport(KernelImportRequest),
+    /// Downloads a kernel from the embedded catalog (streams progress).
+    KernelPull {
+        name: String,
+    },
+    KernelDelete {
+        name: String,
+    },
+    KernelCatalog,
 }
 
 impl Request {
@@ -118,6 +153,21 @@ impl Request {
             Request::SubscribeEvents { .. } => "subscribe_events",
             Request::Doctor => "doctor",
             Request::DebugProgress { .. } => "debug_progress",
+            Request::ImageList => "image_list",
+            Request::ImageShow { .. } => "image_show",
+            Request::ImagePull(_) => "image_pull",
+            Request::ImageRegister(_) => "image_register",
+            Request::ImagePromote { .. } => "image_promote",
+            Request::ImageDelete { .. } => "image_delete",
+            Request::ImagePrune => "image_prune",
+            Request::ImageBuild(_) => "image_build",
+            Request::ImageCatalog => "image_catalog",
+            Request::KernelList => "kernel_list",
+            Request::KernelShow { .. } => "kernel_show",
+            Request::KernelImport(_) => "kernel_import",
+            Request::KernelPull { .. } => "kernel_pull",
+            Request::KernelDelete { .. } => "kernel_delete",
+            Request::KernelCatalog => "kernel_catalog",
         }
     }
 }
@@ -139,6 +189,16 @@ pub enum Response {
     SubscriptionEnded,
     Doctor(DoctorReport),
     Done,
+    Images(Vec<ImageInfo>),
+    Image(ImageInfo),
+    Kernels(Vec<KernelInfo>),
+    Kernel(KernelInfo),
+    Deleted {
+        name: String,
+    },
+    Pruned(PruneReport),
+    ImageCatalog(Vec<ImageCatalogEntry>),
+    KernelCatalog(Vec<KernelCatalogEntry>),
 }
 
 /// A step of a long operation.

@@ -119,6 +119,21 @@ async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, ErrorDa
         }
         Request::SubscribeEvents { since } => subscribe(rctx, since).await,
         Request::Doctor => Ok(Response::Doctor(ctx.host.doctor().await)),
+        Request::ImageList
+        | Request::ImageShow { .. }
+        | Request::ImagePull(_)
+        | Request::ImageRegister(_)
+        | Request::ImagePromote { .. }
+        | Request::ImageDelete { .. }
+        | Request::ImagePrune
+        | Request::ImageBuild(_)
+        | Request::ImageCatalog
+        | Request::KernelList
+        | Request::KernelShow { .. }
+        | Request::KernelImport(_)
+        | Request::KernelPull { .. }
+        | Request::KernelDelete { .. }
+        | Request::KernelCatalog => super::artifacts::handle(request, rctx).await,
         Request::DebugProgress { steps, interval_ms } => {
             let interval = Duration::from_millis(interval_ms.min(60_000));
             for step in 1..=steps {

@@ -9,6 +9,7 @@
 //! accept loop: established connections and their requests carry on, and
 //! clients connecting meanwhile wait in the listen backlog.
 
+mod artifacts;
 pub mod connection;
 pub mod dispatch;
 
@@ -63,6 +64,7 @@ pub struct RouterContext {
     pub host: Arc<dyn HostServices>,
     pub open_connections: AtomicU64,
     pub total_connections: AtomicU64,
+    pub images: crate::images::ImageSettings,
 }
 
 #[derive(Debug, Clone)]

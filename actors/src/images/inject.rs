@@ -1,0 +1,422 @@
+//! What banger puts into every image it builds, before the ext4 is made:
+//!
+//! - the managed SSH key's public half in `/root/.ssh/authorized_keys`
+//!   (dir 0700, file 0600, owned by root); the key pair (ed25519) is
+//!   created on first use in `<config>/ssh/`;
+//! - `/etc/hostname` (the image name; each VM gets its own later);
+//! - network bootstrap: where the image has systemd-networkd,
+//!   `systemd-network-generator` and `systemd-networkd` are enabled, so the
+//!   `ip=` / `nameserver=` kernel parameters banger passes to each VM
+//!   configure its NIC (matched by the name the kernel gives it);
+//! - `/etc/banger/image.json` describing the image;
+//!
+//! and builds the **work seed**: a small ext4 image of the tree's `/root`
+//! that each VM's work disk is cloned from.
+//!
+//! The tree was unpacked from untrusted layers, so every path here is
+//! resolved inside it with `cap-std` (symlinks cannot lead outside); an
+//! existing symlink where banger writes a file is replaced, and a symlink
+//! where banger needs a directory is an error.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use banger_protocol::{ErrorData, ErrorKind};
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, DirBuilder, OpenOptions, Permissions};
+use cap_std::fs::{DirBuilderExt, PermissionsExt};
+
+/// Label of the work disk's filesystem (the guest mounts it on /root).
+pub const WORK_LABEL: &str = "banger-work";
+
+/// The managed SSH key pair.
+#[derive(Debug, Clone)]
+pub struct ManagedKey {
+    pub private_path: PathBuf,
+    /// OpenSSH public key line.
+    pub public: String,
+}
+
+fn internal(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ErrorData {
+    let what = what.into();
+    move |e| ErrorData::from_error(ErrorKind::Internal, &e).with_cause(what)
+}
+
+/// Returns the managed key, creating it on first use. Safe against
+/// concurrent first uses: the key is written under a temporary name and
+/// linked into place only if none exists yet.
+pub fn ensure_ssh_key(config_dir: &Path) -> Result<ManagedKey, ErrorData> {
+    use ssh_key::{rand_core::OsRng, Algorithm, LineEnding, PrivateKey};
+    let dir = config_dir.join("ssh");
+    let private_path = dir.join("id_ed25519");
+    let public_path = dir.join("id_ed25519.pub");
+    if !private_path.exists() {
+        std::fs::create_dir_all(&dir).map_err(internal(format!("creating {}", dir.display())))?;
+        let key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(|e| {
+            ErrorData::new(
+                ErrorKind::Internal,
+                format!("generating the SSH key failed: {e}"),
+            )
+        })?;
+        let private = key.to_openssh(LineEnding::LF).map_err(|e| {
+            ErrorData::new(
+                ErrorKind::Internal,
+                format!("encoding the SSH key failed: {e}"),
+            )
+        })?;
+        let public = key.public_key().to_openssh().map_err(|e| {
+            ErrorData::new(
+                ErrorKind::Internal,
+                format!("encoding the SSH key failed: {e}"),
+            )
+        })?;
+        let tmp = dir.join(format!(".id_ed25519.{}", crate::layout::new_id()));
+        let write = || -> std::io::Result<()> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(private.as_bytes())?;
+            f.sync_all()?;
+            std::fs::write(&public_path, format!("{public} banger\n"))?;
+            match std::fs::hard_link(&tmp, &private_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+                _ => Ok(()),
+            }
+        };
+        let res = write();
+        let _ = std::fs::remove_file(&tmp);
+        res.map_err(internal(format!("writing {}", private_path.display())))?;
+    }
+    // Derive the public half from the private key, so the two always match.
+    let private = std::fs::read_to_string(&private_path)
+        .map_err(internal(format!("reading {}", private_path.display())))?;
+    let key = ssh_key::PrivateKey::from_openssh(&private).map_err(|e| {
+        ErrorData::new(
+            ErrorKind::Internal,
+            format!(
+                "the managed SSH key {} is unreadable: {e}",
+                private_path.display()
+            ),
+        )
+        .with_hint("move it away; banger creates a new one")
+    })?;
+    let public = key.public_key().to_openssh().map_err(|e| {
+        ErrorData::new(
+            ErrorKind::Internal,
+            format!("encoding the SSH key failed: {e}"),
+        )
+    })?;
+    Ok(ManagedKey {
+        private_path,
+        public,
+    })
+}
+
+/// Facts about an unpacked tree that decide how VMs boot it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeFacts {
+    pub has_init: bool,
+    pub has_sshd: bool,
+    pub has_systemd: bool,
+    pub has_networkd: bool,
+}
+
+fn exists(root: &Dir, path: &str) -> bool {
+    root.symlink_metadata(path).is_ok()
+}
+
+pub fn detect(root: &Dir) -> TreeFacts {
+    let has_systemd = ["lib/systemd/systemd", "usr/lib/systemd/systemd"]
+        .iter()
+        .any(|p| exists(root, p));
+    TreeFacts {
+        has_init: has_systemd
+            || ["sbin/init", "usr/sbin/init", "bin/init"]
+                .iter()
+                .any(|p| exists(root, p)),
+        has_sshd: ["usr/sbin/sshd", "sbin/sshd"]
+            .iter()
+            .any(|p| exists(root, p)),
+        has_systemd,
+        has_networkd: [
+            "lib/systemd/system/systemd-networkd.service",
+            "usr/lib/systemd/system/systemd-networkd.service",
+        ]
+        .iter()
+        .any(|p| exists(root, p)),
+    }
+}
+
+/// A directory inside the tree, created if missing; a symlink or a file
+/// in its place is an error.
+fn ensure_dir(root: &Dir, path: &str, mode: u32) -> Result<(), ErrorData> {
+    match root.symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(ErrorData::new(
+            ErrorKind::InvalidRequest,
+            format!("the image's /{path} is not a directory (a symlink or file), so banger cannot set it up"),
+        )
+        .with_hint("use an image whose /root and /etc are real directories")),
+        Err(_) => {
+            let mut builder = DirBuilder::new();
+            builder.recursive(true).mode(mode);
+            root.create_dir_with(path, &builder).map_err(internal(format!("creating /{path} in the image")))
+        }
+    }
+}
+
+/// Writes a regular file inside the tree, replacing a symlink or file there.
+fn write_file(root: &Dir, path: &str, contents: &[u8], mode: u32) -> Result<(), ErrorData> {
+    if let Ok(meta) = root.symlink_metadata(path) {
+        if meta.is_dir() {
+            return Err(ErrorData::new(
+                ErrorKind::InvalidRequest,
+                format!("the image's /{path} is a directory"),
+            ));
+        }
+        root.remove_file(path)
+            .map_err(internal(format!("replacing /{path} in the image")))?;
+    }
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    let mut file = root
+        .open_with(path, &opts)
+        .map_err(internal(format!("writing /{path} in the image")))?;
+    file.write_all(contents)
+        .map_err(internal(format!("writing /{path} in the image")))?;
+    root.set_permissions(path, Permissions::from_mode(mode))
+        .map_err(internal(format!("chmod /{path}")))?;
+    Ok(())
+}
+
+fn chown_root(root: &Dir, path: &str) -> Result<(), ErrorData> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    nix::unistd::fchownat(
+        Some(root.as_raw_fd()),
+        path,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(0)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| {
+        ErrorData::new(
+            ErrorKind::Internal,
+            format!("chown /{path} in the image: {e}"),
+        )
+    })
+}
+
+/// Makes `unit` wanted by `target` (what `systemctl enable` does).
+fn enable_unit(root: &Dir, unit: &str, target: &str) -> Result<(), ErrorData> {
+    let unit_path = ["lib/systemd/system", "usr/lib/systemd/system"]
+        .iter()
+        .map(|d| format!("{d}/{unit}"))
+        .find(|p| exists(root, p));
+    let Some(unit_path) = unit_path else {
+        return Ok(());
+    };
+    let wants = format!("etc/systemd/system/{target}.wants");
+    ensure_dir(root, &wants, 0o755)?;
+    let link = format!("{wants}/{unit}");
+    if root.symlink_metadata(&link).is_err() {
+        // Relative, so it resolves inside the tree here and at `/` in the guest.
+        let up = "../".repeat(wants.matches('/').count() + 1);
+        root.symlink(format!("{up}{unit_path}"), &link)
+            .map_err(internal(format!("enabling {unit}")))?;
+    }
+    Ok(())
+}
+
+/// What [`inject`] did.
+#[derive(Debug, Clone)]
+pub struct Injected {
+    pub facts: TreeFacts,
+}
+
+/// Injects banger's files into the unpacked tree at `tree`.
+pub fn inject(
+    tree: &Path,
+    image_name: &str,
+    key: &ManagedKey,
+    metadata: &serde_json::Value,
+) -> Result<Injected, ErrorData> {
+    let root = Dir::open_ambient_dir(tree, ambient_authority())
+        .map_err(internal(format!("opening {}", tree.display())))?;
+    let facts = detect(&root);
+
+    install_key(&root, key)?;
+
+    ensure_dir(&root, "etc", 0o755)?;
+    write_file(
+        &root,
+        "etc/hostname",
+        format!("{image_name}\n").as_bytes(),
+        0o644,
+    )?;
+    ensure_dir(&root, "etc/banger", 0o755)?;
+    let meta = serde_json::to_vec_pretty(metadata)
+        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))?;
+    write_file(&root, "etc/banger/image.json", &meta, 0o644)?;
+
+    if facts.has_networkd {
+        enable_unit(&root, "systemd-networkd.service", "multi-user.target")?;
+        enable_unit(&root, "systemd-networkd.socket", "sockets.target")?;
+        enable_unit(&root, "systemd-network-generator.service", "sysinit.target")?;
+    }
+    if facts.has_sshd && facts.has_systemd {
+        enable_unit(&root, "ssh.service", "multi-user.target")?;
+    }
+    Ok(Injected { facts })
+}
+
+/// Only the SSH key part of [`inject`], for a tree holding just `/root`.
+pub fn inject_keys_only(tree: &Path, key: &ManagedKey) -> Result<(), ErrorData> {
+    let root = Dir::open_ambient_dir(tree, ambient_authority())
+        .map_err(internal(format!("opening {}", tree.display())))?;
+    install_key(&root, key)
+}
+
+fn install_key(root: &Dir, key: &ManagedKey) -> Result<(), ErrorData> {
+    ensure_dir(root, "root", 0o700)?;
+    ensure_dir(root, "root/.ssh", 0o700)?;
+    root.set_permissions("root/.ssh", Permissions::from_mode(0o700))
+        .map_err(internal("chmod /root/.ssh"))?;
+    let mut keys = match root.read_to_string("root/.ssh/authorized_keys") {
+        Ok(existing)
+            if !root
+                .symlink_metadata("root/.ssh/authorized_keys")
+                .is_ok_and(|m| m.is_symlink()) =>
+        {
+            existing
+        }
+        _ => String::new(),
+    };
+    if !keys
+        .lines()
+        .any(|l| l.trim().starts_with(key.public.trim()))
+    {
+        if !keys.is_empty() && !keys.ends_with('\n') {
+            keys.push('\n');
+        }
+        keys.push_str(key.public.trim());
+        keys.push_str(" banger-managed\n");
+    }
+    write_file(root, "root/.ssh/authorized_keys", keys.as_bytes(), 0o600)?;
+    chown_root(root, "root/.ssh")?;
+    chown_root(root, "root/.ssh/authorized_keys")
+}
+
+/// Size of the work seed for a `/root` of `bytes`: room to grow, at least 64 MiB.
+pub fn work_seed_size(bytes: u64) -> u64 {
+    let want = bytes.saturating_mul(2).saturating_add(32 << 20);
+    want.max(64 << 20).div_ceil(1 << 20) * (1 << 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_created_once_and_stable() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let a = ensure_ssh_key(tmp.path()).expect("create");
+        let b = ensure_ssh_key(tmp.path()).expect("reuse");
+        assert_eq!(a.public, b.public);
+        assert!(a.public.starts_with("ssh-ed25519 "));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&a.private_path)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn inject_writes_keys_hostname_and_refuses_symlinked_root() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = ensure_ssh_key(&tmp.path().join("cfg")).expect("key");
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
+        // A hostile absolute symlink where banger writes a file is replaced, not followed.
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"keep").expect("write");
+        std::os::unix::fs::symlink(&outside, tree.join("etc/hostname")).expect("symlink");
+        let injected =
+            inject(&tree, "img", &key, &serde_json::json!({"name": "img"})).expect("inject");
+        assert!(!injected.facts.has_init);
+        assert_eq!(std::fs::read(&outside).expect("outside"), b"keep");
+        assert_eq!(
+            std::fs::read_to_string(tree.join("etc/hostname")).expect("hostname"),
+            "img\n"
+        );
+        let keys = std::fs::read_to_string(tree.join("root/.ssh/authorized_keys")).expect("keys");
+        assert!(keys.contains(key.public.trim()));
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(tree.join("root/.ssh"))
+                .expect("m")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        // Injecting twice does not duplicate the key.
+        inject(&tree, "img", &key, &serde_json::json!({})).expect("again");
+        let keys = std::fs::read_to_string(tree.join("root/.ssh/authorized_keys")).expect("keys");
+        assert_eq!(keys.matches(key.public.trim()).count(), 1);
+
+        let evil = tmp.path().join("evil");
+        std::fs::create_dir_all(&evil).expect("mkdir");
+        std::os::unix::fs::symlink("/", evil.join("root")).expect("symlink");
+        let err = inject(&evil, "x", &key, &serde_json::json!({})).expect_err("symlinked /root");
+        assert!(err.message.contains("/root"), "{}", err.message);
+    }
+
+    #[test]
+    fn networkd_is_enabled_when_present() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = ensure_ssh_key(&tmp.path().join("cfg")).expect("key");
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("lib/systemd/system")).expect("mkdir");
+        for unit in [
+            "systemd-networkd.service",
+            "systemd-network-generator.service",
+            "ssh.service",
+        ] {
+            std::fs::write(tree.join("lib/systemd/system").join(unit), b"[Unit]\n").expect("unit");
+        }
+        std::fs::write(tree.join("lib/systemd/systemd"), b"").expect("systemd");
+        std::fs::create_dir_all(tree.join("usr/sbin")).expect("mkdir");
+        std::fs::write(tree.join("usr/sbin/sshd"), b"").expect("sshd");
+        let injected = inject(&tree, "img", &key, &serde_json::json!({})).expect("inject");
+        assert!(injected.facts.has_init && injected.facts.has_sshd && injected.facts.has_networkd);
+        let link = std::fs::read_link(
+            tree.join("etc/systemd/system/sysinit.target.wants/systemd-network-generator.service"),
+        )
+        .expect("generator enabled");
+        assert_eq!(
+            link,
+            PathBuf::from("../../../../lib/systemd/system/systemd-network-generator.service")
+        );
+        assert!(tree
+            .join("etc/systemd/system/sysinit.target.wants/systemd-network-generator.service")
+            .exists());
+        assert!(tree
+            .join("etc/systemd/system/multi-user.target.wants/ssh.service")
+            .symlink_metadata()
+            .is_ok());
+    }
+
+    #[test]
+    fn work_seed_size_has_a_floor_and_grows() {
+        assert_eq!(work_seed_size(0), 64 << 20);
+        assert_eq!(work_seed_size(100 << 20), 232 << 20);
+    }
+}

@@ -1,0 +1,360 @@
+//! `banger image pull`: resolve → download (layers in parallel, cached by
+//! digest) → extract (layers in order, hostile-input safe) → inject →
+//! build (ext4 rootfs and work seed) → publish. Everything before
+//! publication happens in `<images>/<id>.staging` in the request task; a
+//! failure or a cancellation (the future is dropped) removes it.
+
+use std::time::Instant;
+
+use banger_image::cache::{LayerCache, Verify};
+use banger_image::ext4::{self, Ext4Error};
+use banger_image::registry::{self, Platform, PullEvent, PullOptions};
+use banger_image::unpack::{Limits, Unpacker};
+use banger_protocol::{ErrorData, ErrorKind, ImageInfo, ImagePullRequest, ImageRuntimeConfig};
+use tokio::sync::mpsc;
+
+use super::{inject, ImageSettings, ImagesMsg, StagedImage, PUBLISH_PATIENCE, ROOTFS, WORK_SEED};
+use crate::ask::{ask, ask_patiently, lookup};
+use crate::layout::{new_id, Layout, StagingDir};
+use crate::names;
+use crate::records::validate_name;
+use crate::router::dispatch::RequestCtx;
+use crate::unix_ms;
+
+pub(crate) fn err_of(kind: ErrorKind, err: &(dyn std::error::Error + 'static)) -> ErrorData {
+    ErrorData::from_error(kind, err)
+}
+
+pub(crate) fn ext4_error(err: &Ext4Error) -> ErrorData {
+    match err {
+        Ext4Error::TooSmall { needed, .. } => err_of(ErrorKind::InvalidRequest, err)
+            .with_hint(format!("pass --size {}M or more", needed.div_ceil(1 << 20))),
+        _ => err_of(ErrorKind::Internal, err),
+    }
+}
+
+/// Keeps a pull's layers out of `image prune` while it runs.
+struct Pin {
+    pull: String,
+}
+
+impl Pin {
+    fn new(pull: &str, layers: Vec<String>) -> Self {
+        if let Ok(images) = lookup::<ImagesMsg>(names::IMAGES) {
+            let _ = images.cast(ImagesMsg::Pin {
+                pull: pull.to_string(),
+                layers,
+            });
+        }
+        Pin {
+            pull: pull.to_string(),
+        }
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Ok(images) = lookup::<ImagesMsg>(names::IMAGES) {
+            let _ = images.cast(ImagesMsg::Unpin {
+                pull: self.pull.clone(),
+            });
+        }
+    }
+}
+
+/// Fails early when `name` is taken (the publication window re-checks).
+pub(crate) async fn ensure_name_free(name: &str, rctx: &RequestCtx) -> Result<(), ErrorData> {
+    let timeout = rctx.ctx.request_timeout;
+    let existing = ask(
+        names::IMAGES,
+        |reply| ImagesMsg::Get {
+            name: name.to_string(),
+            reply,
+        },
+        timeout,
+    )
+    .await?;
+    if existing.is_some() {
+        return Err(ErrorData::new(
+            ErrorKind::AlreadyExists,
+            format!("image name `{name}` is taken"),
+        )
+        .with_hint(format!(
+            "pick another with --name, or delete it first: banger image delete {name}"
+        )));
+    }
+    Ok(())
+}
+
+pub async fn pull(
+    req: ImagePullRequest,
+    rctx: &RequestCtx,
+    settings: &ImageSettings,
+    layout: &Layout,
+) -> Result<ImageInfo, ErrorData> {
+    let reference = registry::parse_reference(&req.reference)
+        .map_err(|e| err_of(ErrorKind::InvalidRequest, &e))?;
+    let name = req
+        .name
+        .clone()
+        .unwrap_or_else(|| registry::default_image_name(&reference));
+    validate_name("image", &name)?;
+    ensure_name_free(&name, rctx).await?;
+    let kernel = match req
+        .kernel
+        .clone()
+        .or_else(|| settings.default_kernel.clone())
+    {
+        Some(k) => Some(
+            crate::kernels::catalog::ensure_kernel(&k, rctx, settings, layout)
+                .await?
+                .name,
+        ),
+        None => None,
+    };
+    let platform: Platform = match &req.platform {
+        Some(p) => p
+            .parse()
+            .map_err(|e: registry::ParsePlatformError| err_of(ErrorKind::InvalidRequest, &e))?,
+        None => Platform::default(),
+    };
+    let opts = PullOptions {
+        platform,
+        insecure: req.insecure,
+        ..PullOptions::default()
+    };
+
+    let stage_started = Instant::now();
+    rctx.progress("resolve", format!("resolving {reference}"), None)
+        .await;
+    let resolved = registry::resolve(&reference, &opts)
+        .await
+        .map_err(|e| err_of(pull_kind(&e), &e))?;
+    let total: u64 = resolved.layers.iter().map(|l| l.size).sum();
+    rctx.progress(
+        "resolve",
+        format!(
+            "{} ({}), {} layers, {} compressed, in {:.1}s",
+            resolved.manifest_digest,
+            resolved.platform.as_deref().unwrap_or("unknown platform"),
+            resolved.layers.len(),
+            human_bytes(total),
+            stage_started.elapsed().as_secs_f64()
+        ),
+        None,
+    )
+    .await;
+
+    let id = new_id();
+    let staging = StagingDir::create(Layout::staging(&layout.images_dir(), &id))
+        .map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    let layer_digests: Vec<String> = resolved.layer_digests().map(str::to_string).collect();
+    let _pin = Pin::new(&id, layer_digests.clone());
+
+    // Download.
+    let stage_started = Instant::now();
+    let cache =
+        LayerCache::open(layout.layers_dir()).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    let (tx, mut rx) = mpsc::channel::<PullEvent>(64);
+    let fetch = registry::fetch_layers(&resolved, &cache, &opts, tx, rctx.cancel.clone());
+    tokio::pin!(fetch);
+    let layers = loop {
+        tokio::select! {
+            res = &mut fetch => break res.map_err(|e| err_of(pull_kind(&e), &e))?,
+            Some(event) = rx.recv() => {
+                let PullEvent::Layer { digest, bytes_done, bytes_total, cached } = event;
+                let detail = if cached { format!("layer {} (cached)", short(&digest)) } else { format!("layer {}", short(&digest)) };
+                rctx.progress("download", detail, Some((bytes_done, bytes_total))).await;
+            }
+        }
+    };
+    let fetched = layers.iter().filter(|l| !l.cached).count();
+    rctx.progress(
+        "download",
+        format!(
+            "{fetched} downloaded, {} cached, in {:.1}s",
+            layers.len() - fetched,
+            stage_started.elapsed().as_secs_f64()
+        ),
+        None,
+    )
+    .await;
+
+    // Extract.
+    let stage_started = Instant::now();
+    let tree_dir = staging.path().join("tree");
+    std::fs::create_dir_all(&tree_dir).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    let limits = Limits {
+        max_image_bytes: settings.max_image_bytes,
+        ..Limits::default()
+    };
+    let mut unpacker =
+        Unpacker::new(&tree_dir, limits).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    for (i, layer) in layers.iter().enumerate() {
+        let d = &layer.descriptor;
+        rctx.progress(
+            "extract",
+            format!("layer {}/{} {}", i + 1, layers.len(), short(&d.digest)),
+            Some((i as u64, layers.len() as u64)),
+        )
+        .await;
+        let blob = cache
+            .open_blob(&d.digest, d.size, Verify::Size)
+            .await
+            .map_err(|e| err_of(ErrorKind::Internal, &e))?;
+        unpacker
+            .apply_layer(&d.digest, d.compression(), blob)
+            .await
+            .map_err(|e| {
+                err_of(ErrorKind::InvalidRequest, &e)
+                    .with_hint("the image's layers are malformed or hostile; banger refused them")
+            })?;
+    }
+    let tree = unpacker.finish();
+    rctx.progress(
+        "extract",
+        format!(
+            "{} in {} entries, in {:.1}s",
+            human_bytes(tree.bytes_written),
+            tree.entries,
+            stage_started.elapsed().as_secs_f64()
+        ),
+        None,
+    )
+    .await;
+
+    // Inject.
+    let stage_started = Instant::now();
+    let key = inject::ensure_ssh_key(&settings.config_dir)?;
+    let metadata = serde_json::json!({
+        "name": name,
+        "source": "oci",
+        "reference": reference.to_string(),
+        "manifest_digest": resolved.manifest_digest,
+        "platform": resolved.platform,
+    });
+    let (tree_path, inject_name) = (tree.root.clone(), name.clone());
+    let injected = tokio::task::spawn_blocking(move || {
+        inject::inject(&tree_path, &inject_name, &key, &metadata)
+    })
+    .await
+    .map_err(|e| ErrorData::new(ErrorKind::Internal, format!("injection task failed: {e}")))??;
+    rctx.progress(
+        "inject",
+        format!(
+            "SSH key, hostname, network bootstrap, in {:.1}s",
+            stage_started.elapsed().as_secs_f64()
+        ),
+        None,
+    )
+    .await;
+
+    // Build.
+    let stage_started = Instant::now();
+    let rootfs = staging.path().join(ROOTFS);
+    let stats = ext4::build_rootfs(&tree, &rootfs, req.size)
+        .await
+        .map_err(|e| ext4_error(&e))?;
+    let seed = staging.path().join(WORK_SEED);
+    let root_dir = tree.root.join("root");
+    let seed_bytes = crate::fsutil::tree_bytes(&root_dir);
+    ext4::build_from_dir(
+        &root_dir,
+        &seed,
+        inject::work_seed_size(seed_bytes),
+        inject::WORK_LABEL,
+    )
+    .await
+    .map_err(|e| ext4_error(&e))?;
+    let tree_root = tree.root.clone();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tree_root)).await;
+    rctx.progress(
+        "build",
+        format!(
+            "rootfs {} (tree {}), work seed, in {:.1}s",
+            human_bytes(stats.size),
+            human_bytes(stats.tree_bytes),
+            stage_started.elapsed().as_secs_f64()
+        ),
+        None,
+    )
+    .await;
+
+    // Publish.
+    let config = &resolved.config;
+    let info = ImageInfo {
+        id: id.clone(),
+        name: name.clone(),
+        managed: true,
+        source: format!("oci {reference}@{}", resolved.manifest_digest),
+        rootfs_path: ROOTFS.to_string(),
+        rootfs_bytes: stats.size,
+        work_seed_path: Some(WORK_SEED.to_string()),
+        kernel,
+        created_unix_ms: unix_ms(),
+        layers: layer_digests,
+        platform: resolved.platform.clone(),
+        has_init: injected.facts.has_init,
+        has_sshd: injected.facts.has_sshd,
+        runtime: ImageRuntimeConfig {
+            entrypoint: config.entrypoint.clone().unwrap_or_default(),
+            cmd: config.cmd.clone().unwrap_or_default(),
+            env: config.env.clone(),
+            working_dir: config.working_dir.clone().unwrap_or_default(),
+            user: config.user.clone().unwrap_or_default(),
+        },
+    };
+    let staged = StagedImage {
+        staging: Some(staging.path().to_path_buf()),
+        info,
+    };
+    let timeout = rctx.ctx.request_timeout;
+    let info = ask_patiently(
+        names::IMAGES,
+        |reply| ImagesMsg::Publish {
+            staged: staged.clone(),
+            reply,
+        },
+        timeout,
+        PUBLISH_PATIENCE,
+    )
+    .await??;
+    staging.keep();
+    rctx.progress("publish", format!("image {name} ready"), None)
+        .await;
+    Ok(info)
+}
+
+fn pull_kind(err: &registry::PullError) -> ErrorKind {
+    use registry::PullError as E;
+    match err {
+        E::InvalidReference { .. } | E::PlatformUnavailable { .. } | E::PlatformMismatch { .. } => {
+            ErrorKind::InvalidRequest
+        }
+        E::NotFound { .. } => ErrorKind::NotFound,
+        E::Unauthorized { .. } => ErrorKind::PermissionDenied,
+        E::Unreachable { .. } | E::Download { .. } => ErrorKind::Unavailable,
+        E::Cancelled => ErrorKind::Cancelled,
+        _ => ErrorKind::InvalidRequest,
+    }
+}
+
+pub(crate) fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,155 @@
+//! Where the daemon keeps managed artifacts under its state dir.
+//!
+//! ```text
+//! <state>/images/<id>/          rootfs.ext4, work-seed.ext4
+//! <state>/images/<id>.staging/  an image being built (removed on failure and at start-up)
+//! <state>/kernels/<id>/         vmlinuz|vmlinux, vmlinux (extracted), initrd.img, modules/
+//! <state>/kernels/<id>.staging/
+//! <state>/layers/               the OCI layer cache, by digest
+//! <state>/downloads/            resumable kernel downloads
+//! ```
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub state_dir: PathBuf,
+}
+
+/// Suffix of directories that hold unfinished work.
+pub const STAGING_SUFFIX: &str = ".staging";
+
+impl Layout {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+        }
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.state_dir.join("kernels")
+    }
+
+    pub fn layers_dir(&self) -> PathBuf {
+        self.state_dir.join("layers")
+    }
+
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.state_dir.join("downloads")
+    }
+
+    /// A fresh staging dir path under `parent` for object `id`.
+    pub fn staging(parent: &Path, id: &str) -> PathBuf {
+        parent.join(format!("{id}{STAGING_SUFFIX}"))
+    }
+
+    /// Removes every `*.staging` dir under `parent` (unfinished work of a
+    /// daemon that died); returns how many.
+    pub fn remove_staging(parent: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .ends_with(STAGING_SUFFIX)
+                && std::fs::remove_dir_all(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+impl Layout {
+    /// At daemon start-up, before any request: removes unfinished work of
+    /// a daemon that died (staging dirs); returns how many were removed.
+    pub fn reconcile(&self) -> u64 {
+        [self.images_dir(), self.kernels_dir(), self.downloads_dir()]
+            .iter()
+            .map(|d| Self::remove_staging(d))
+            .sum()
+    }
+}
+
+/// A random id for a new object (16 hex chars).
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = (nanos as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Removes a staging dir when dropped unless [`StagingDir::keep`] was
+/// called: failures and cancellations (a dropped future) leave nothing.
+#[derive(Debug)]
+pub struct StagingDir {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl StagingDir {
+    pub fn create(path: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path, armed: true })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The dir was published (renamed away): nothing to clean.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_dir_is_removed_unless_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = StagingDir::create(dir.path().join("a.staging")).expect("a");
+        std::fs::write(a.path().join("f"), b"x").expect("write");
+        drop(a);
+        assert!(!dir.path().join("a.staging").exists());
+        let b = StagingDir::create(dir.path().join("b.staging")).expect("b");
+        b.keep();
+        assert!(dir.path().join("b.staging").exists());
+        assert_eq!(Layout::remove_staging(dir.path()), 1);
+        assert!(!dir.path().join("b.staging").exists());
+    }
+
+    #[test]
+    fn ids_are_hex_and_distinct() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 16);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
