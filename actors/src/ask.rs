@@ -88,3 +88,30 @@ where
         }
     }
 }
+
+/// Runs CPU-heavy async work (decompression, tar parsing) on a
+/// blocking-pool thread with a runtime of its own, so the daemon's async
+/// workers keep serving other requests. `cancel` stops it promptly.
+pub async fn offload<T, F>(
+    cancel: tokio_util::sync::CancellationToken,
+    work: impl FnOnce() -> F + Send + 'static,
+) -> Result<T, ErrorData>
+where
+    F: std::future::Future<Output = Result<T, ErrorData>>,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))?;
+        rt.block_on(async {
+            tokio::select! {
+                _ = cancel.cancelled() => Err(ErrorData::new(ErrorKind::Cancelled, "cancelled")),
+                res = work() => res,
+            }
+        })
+    })
+    .await
+    .map_err(|e| ErrorData::new(ErrorKind::Internal, format!("worker thread failed: {e}")))?
+}

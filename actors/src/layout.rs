@@ -121,9 +121,21 @@ impl StagingDir {
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_dir_all(&self.path);
+        if !self.armed || std::fs::remove_dir_all(&self.path).is_ok() || !self.path.exists() {
+            return;
         }
+        // Work cancelled a moment ago may still be finishing a write in
+        // there (ENOTEMPTY): retry off-thread for a little while.
+        let path = self.path.clone();
+        std::thread::spawn(move || {
+            for _ in 0..50 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if std::fs::remove_dir_all(&path).is_ok() || !path.exists() {
+                    return;
+                }
+            }
+            tracing::warn!(path = %path.display(), "could not remove a staging dir; it is removed at the next start");
+        });
     }
 }
 

@@ -1,7 +1,11 @@
 //! The command line, as clap structs and nothing else: every command's
 //! behaviour lives in its `*_cmd` module, which receives these values.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::values::parse_size;
 
 /// Run and inspect banger microVMs through the bangerd daemon.
 ///
@@ -30,6 +34,12 @@ pub enum Command {
     Debug(DebugCommand),
     /// Check that this host can run banger and say how to fix what is missing.
     Doctor(JsonFlag),
+    /// Pull, build, register and manage root filesystem images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Import, download and manage guest kernels.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
     /// Print a shell completion script to stdout.
     Completion(CompletionArgs),
 }
@@ -120,6 +130,158 @@ pub struct ProgressArgs {
     pub json: bool,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// List the local images.
+    List(JsonFlag),
+    /// Show everything about one image.
+    Show(NameJsonArgs),
+    /// Pull an OCI image from a registry and turn it into an ext4 rootfs.
+    Pull(ImagePullArgs),
+    /// Adopt an existing ext4 rootfs as an image (banger does not own the file).
+    Register(ImageRegisterArgs),
+    /// Copy a registered image's files into banger's managed storage.
+    Promote(NameJsonArgs),
+    /// Delete an image (refused while a VM uses it).
+    Delete(NameArgs),
+    /// Remove cached layers no image uses, and finished kernel downloads.
+    Prune(JsonFlag),
+    /// Build a Debian image from the Debian archive with mmdebstrap.
+    Build(ImageBuildArgs),
+    /// List the images banger knows how to get by name.
+    Catalog(JsonFlag),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KernelCommand {
+    /// List the local kernels.
+    List(JsonFlag),
+    /// Show everything about one kernel.
+    Show(NameJsonArgs),
+    /// Copy a kernel (and optionally its initrd and modules) into banger's storage.
+    Import(KernelImportArgs),
+    /// Download a kernel from the catalog, check its sha256 and register it.
+    Pull(NameJsonArgs),
+    /// Delete a kernel (refused while an image uses it).
+    Delete(NameArgs),
+    /// List the kernels `kernel pull` can download.
+    Catalog(JsonFlag),
+}
+
+/// `NAME` alone.
+#[derive(Args, Debug, Clone)]
+pub struct NameArgs {
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+}
+
+/// `NAME [--json]`.
+#[derive(Args, Debug, Clone)]
+pub struct NameJsonArgs {
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ImagePullArgs {
+    /// OCI reference, e.g. `debian:bookworm` or `ghcr.io/org/app@sha256:...`.
+    #[arg(value_name = "REF", value_parser = non_empty)]
+    pub reference: String,
+    /// Name of the image (default: derived from the reference).
+    #[arg(long, value_name = "NAME", value_parser = non_empty)]
+    pub name: Option<String>,
+    /// Size of the rootfs, e.g. 2G or 1.5G (default: 1.25 × the tree, at least 1 GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Platform to pull, `os/arch[/variant]` (default: linux/amd64).
+    #[arg(long, value_name = "PLATFORM", value_parser = non_empty)]
+    pub platform: Option<String>,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Kernel to pair with the image (default: the configured default kernel).
+    #[arg(long, value_name = "KERNEL", value_parser = non_empty)]
+    pub kernel: Option<String>,
+    /// Print progress and the result as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("kernel_source").required(true).args(["kernel_ref", "kernel"])))]
+pub struct ImageRegisterArgs {
+    /// Name of the image.
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// The ext4 filesystem image to adopt (stays where it is).
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: PathBuf,
+    /// A registered kernel (pulled from the kernel catalog if it is not here).
+    #[arg(
+        long = "kernel-ref",
+        value_name = "NAME",
+        value_parser = non_empty,
+        conflicts_with_all = ["kernel", "initrd", "modules"]
+    )]
+    pub kernel_ref: Option<String>,
+    /// A kernel image file (bzImage or ELF), imported as a kernel named after the image.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// The initrd that goes with --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// The modules directory (`/lib/modules/VERSION`) that goes with --kernel.
+    #[arg(long, value_name = "DIR", requires = "kernel")]
+    pub modules: Option<PathBuf>,
+    /// Print progress and the result as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ImageBuildArgs {
+    /// Name of the image; a catalog entry of that name supplies the defaults.
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// Debian suite (default: the catalog entry's, else bookworm).
+    #[arg(long, value_name = "SUITE", value_parser = non_empty)]
+    pub suite: Option<String>,
+    /// Extra packages, comma-separated or repeated: --packages git,tmux.
+    #[arg(long, value_name = "PKG,...", value_delimiter = ',', value_parser = non_empty)]
+    pub packages: Vec<String>,
+    /// Size of the rootfs, e.g. 4G (default: 1.25 × the tree, at least 1 GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Debian mirror (default: http://deb.debian.org/debian).
+    #[arg(long, value_name = "URL", value_parser = non_empty)]
+    pub mirror: Option<String>,
+    /// Print progress and the result as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KernelImportArgs {
+    /// Name of the kernel.
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// The kernel image file (bzImage, e.g. /boot/vmlinuz-*, or an ELF vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Its initrd.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Its modules directory (`/lib/modules/VERSION`).
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// Print progress and the result as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Args, Debug, Clone, Copy)]
 pub struct CompletionArgs {
     /// The shell to generate the script for.
@@ -160,10 +322,108 @@ mod tests {
             &["banger", "debug", "progress", "--steps", "0"],
             &["banger", "daemon", "logs", "-n", "x"],
             &["banger", "completion", "powershell"],
+            &["banger", "image", "pull", "debian", "--size", "12Q"],
+            &["banger", "image", "pull", "debian", "--size", "0"],
+            &["banger", "image", "build", "x", "--size", "-1G"],
+            &["banger", "image", "show"],
+            &["banger", "kernel", "import", "k1"],
+            &["banger", "kernel", "delete", ""],
         ] {
             let err = Cli::try_parse_from(argv).expect_err("must be refused");
             assert_eq!(err.exit_code(), 2, "{argv:?}");
         }
+    }
+
+    fn register(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let mut argv = vec!["banger", "image", "register", "img", "--rootfs", "img.ext4"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv)
+    }
+
+    #[test]
+    fn register_takes_one_kind_of_kernel() {
+        for ok in [
+            &["--kernel-ref", "k1"][..],
+            &["--kernel", "vmlinuz"],
+            &["--kernel", "vmlinuz", "--initrd", "i", "--modules", "m"],
+        ] {
+            register(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for (bad, kind) in [
+            (&[][..], clap::error::ErrorKind::MissingRequiredArgument),
+            (
+                &["--kernel-ref", "k1", "--kernel", "v"],
+                clap::error::ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["--kernel-ref", "k1", "--initrd", "i"],
+                clap::error::ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["--kernel-ref", "k1", "--modules", "m"],
+                clap::error::ErrorKind::ArgumentConflict,
+            ),
+            (
+                &["--initrd", "i"],
+                clap::error::ErrorKind::MissingRequiredArgument,
+            ),
+            (
+                &["--kernel", "v", "--kernel-ref", ""],
+                clap::error::ErrorKind::ValueValidation,
+            ),
+        ] {
+            let err = register(bad).expect_err("must be refused");
+            assert_eq!((err.kind(), err.exit_code()), (kind, 2), "{bad:?}: {err}");
+        }
+        let err = Cli::try_parse_from(["banger", "image", "register", "img", "--kernel-ref", "k"])
+            .expect_err("no rootfs");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn image_pull_and_build_values() {
+        let cli = Cli::try_parse_from([
+            "banger",
+            "image",
+            "pull",
+            "debian:bookworm",
+            "--size",
+            "1.5G",
+            "--name",
+            "deb",
+            "--insecure",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Image(ImageCommand::Pull(p)) => {
+                assert_eq!(p.size, Some(3 << 29));
+                assert_eq!(p.name.as_deref(), Some("deb"));
+                assert!(p.insecure && !p.json);
+                assert_eq!((p.platform, p.kernel), (None, None));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "banger",
+            "image",
+            "build",
+            "dev",
+            "--packages",
+            "git,tmux",
+            "--packages",
+            "vim",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Image(ImageCommand::Build(b)) => {
+                assert_eq!(b.packages, ["git", "tmux", "vim"]);
+                assert_eq!(b.size, None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = Cli::try_parse_from(["banger", "image", "pull", "x", "--size", "2X"])
+            .expect_err("bad size");
+        assert!(err.to_string().contains("unknown unit `X`"), "{err}");
     }
 
     #[test]

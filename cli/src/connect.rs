@@ -16,7 +16,7 @@ use banger_protocol::client::{Client, ClientError};
 use banger_protocol::paths::Paths;
 use banger_protocol::{ErrorKind, Event, Progress, Request, Response, ServerMessage};
 
-use crate::error::CliError;
+use crate::error::{CliError, Exit};
 
 /// How long an ordinary request (and the handshake) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -108,6 +108,9 @@ pub async fn request(client: &mut Client, request: Request) -> Result<Response, 
 pub enum StreamItem {
     Progress(Progress),
     Event(Event),
+    /// The user pressed Ctrl-C and the daemon was asked to cancel; its
+    /// final reply is being awaited (progress shown so far may go away).
+    Cancelling,
 }
 
 /// How a streaming request ended.
@@ -117,12 +120,17 @@ pub enum StreamEnd {
     Reply(Response),
     /// The user pressed Ctrl-C; the daemon was asked to cancel.
     Cancelled,
+    /// The user pressed Ctrl-C, but the operation had already finished:
+    /// the daemon's final reply is a success.
+    ReplyAfterCancel(Response),
 }
 
 /// Sends a request that streams progress or events, handing each to
 /// `on_item`, until the final reply; no timeout. Ctrl-C sends a cancel,
-/// waits up to [`CANCEL_GRACE`] for the final reply (a second Ctrl-C stops
-/// waiting) and returns [`StreamEnd::Cancelled`].
+/// hands [`StreamItem::Cancelling`] to `on_item`, waits up to
+/// [`CANCEL_GRACE`] for the final reply (a second Ctrl-C stops waiting)
+/// and returns [`StreamEnd::Cancelled`] (or [`StreamEnd::ReplyAfterCancel`]
+/// when the operation won the race).
 pub async fn stream(
     client: &mut Client,
     request: Request,
@@ -148,30 +156,38 @@ pub async fn stream(
     }
     // The daemon may be gone already; cancelling is best effort.
     if client.cancel(id).await.is_ok() {
+        on_item(StreamItem::Cancelling)?;
         let drain = async {
             loop {
                 match client.next_message().await {
                     Ok(message) => match route(id, message, &mut |_| Ok(())) {
-                        Ok(Some(_)) | Err(_) => return,
+                        Ok(Some(response)) => return Some(response),
+                        Err(_) => return None,
                         Ok(None) => {}
                     },
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
             }
         };
         tokio::select! {
-            finished = tokio::time::timeout(CANCEL_GRACE, drain) => {
-                if finished.is_err() {
-                    eprintln!(
-                        "bangerd did not confirm the cancellation within {}s",
-                        CANCEL_GRACE.as_secs()
-                    );
-                }
-            }
+            finished = tokio::time::timeout(CANCEL_GRACE, drain) => match finished {
+                Ok(Some(response)) => return Ok(StreamEnd::ReplyAfterCancel(response)),
+                Ok(None) => {}
+                Err(_) => eprintln!(
+                    "bangerd did not confirm the cancellation within {}s",
+                    CANCEL_GRACE.as_secs()
+                ),
+            },
             _ = tokio::signal::ctrl_c() => {}
         }
     }
     Ok(StreamEnd::Cancelled)
+}
+
+/// Prints `cancelled` on stderr: how every interrupted command ends (exit 130).
+pub fn cancelled() -> Result<Exit, CliError> {
+    eprintln!("cancelled");
+    Ok(Exit::Interrupted)
 }
 
 /// Handles one frame of a stream for request `id`: `Some` on its final reply.

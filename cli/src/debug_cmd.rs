@@ -108,19 +108,14 @@ async fn events(args: EventsArgs) -> Result<Exit, CliError> {
         StreamItem::Event(event) if json => print_json_line(&event_json(&event)),
         StreamItem::Event(event) => outln!("{}", event_line(&event)),
         // Subscriptions do not report progress; nothing to show.
-        StreamItem::Progress(_) => Ok(()),
+        StreamItem::Progress(_) | StreamItem::Cancelling => Ok(()),
     })
     .await?;
     match end {
         StreamEnd::Reply(Response::SubscriptionEnded) => Ok(Exit::Ok),
         StreamEnd::Reply(other) => Err(connect::unexpected("subscribe_events", &other)),
-        StreamEnd::Cancelled => cancelled(),
+        StreamEnd::Cancelled | StreamEnd::ReplyAfterCancel(_) => connect::cancelled(),
     }
-}
-
-fn cancelled() -> Result<Exit, CliError> {
-    eprintln!("cancelled");
-    Ok(Exit::Interrupted)
 }
 
 /// An event's kind as a stable snake_case name and its details as fields.
@@ -232,11 +227,11 @@ async fn progress(args: ProgressArgs) -> Result<Exit, CliError> {
             elapsed_ms: p.elapsed_ms,
         }),
         StreamItem::Progress(p) => outln!("{}", progress_line(&p)),
-        StreamItem::Event(_) => Ok(()),
+        StreamItem::Event(_) | StreamItem::Cancelling => Ok(()),
     })
     .await?;
     match end {
-        StreamEnd::Reply(Response::Done) => {
+        StreamEnd::Reply(Response::Done) | StreamEnd::ReplyAfterCancel(Response::Done) => {
             if json {
                 print_json_line(&ProgressLine::Result { status: "done" })?;
             } else {
@@ -245,13 +240,13 @@ async fn progress(args: ProgressArgs) -> Result<Exit, CliError> {
             Ok(Exit::Ok)
         }
         StreamEnd::Reply(other) => Err(connect::unexpected("debug_progress", &other)),
-        StreamEnd::Cancelled => {
+        StreamEnd::Cancelled | StreamEnd::ReplyAfterCancel(_) => {
             if json {
                 print_json_line(&ProgressLine::Result {
                     status: "cancelled",
                 })?;
             }
-            cancelled()
+            connect::cancelled()
         }
     }
 }

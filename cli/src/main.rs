@@ -9,8 +9,12 @@ mod daemon_cmd;
 mod debug_cmd;
 mod doctor_cmd;
 mod error;
+mod image_cmd;
+mod kernel_cmd;
 mod logs_cmd;
 mod output;
+mod progress;
+mod values;
 mod version_cmd;
 
 use std::process::ExitCode;
@@ -62,6 +66,8 @@ async fn run(command: Command) -> Result<Exit, CliError> {
         Command::Config(cmd) => config_cmd::run(cmd).await,
         Command::Debug(cmd) => debug_cmd::run(cmd).await,
         Command::Doctor(flags) => doctor_cmd::run(flags).await,
+        Command::Image(cmd) => image_cmd::run(cmd).await,
+        Command::Kernel(cmd) => kernel_cmd::run(cmd).await,
         Command::Completion(args) => completion(args.shell),
     }
 }

@@ -17,6 +17,7 @@ mod error;
 mod frame;
 pub mod images;
 mod messages;
+pub mod network;
 pub mod paths;
 
 pub use error::{ErrorData, ErrorKind};
@@ -26,6 +27,7 @@ pub use frame::{
 };
 pub use images::*;
 pub use messages::*;
+pub use network::*;
 
 /// Version of the wire format. A daemon refuses a client with another one.
 pub const PROTOCOL_VERSION: u32 = 1;

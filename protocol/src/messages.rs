@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::images::*;
+use crate::network::*;
 use crate::ErrorData;
 
 /// The first frame a client sends. Its layout must never change: a daemon of
@@ -119,7 +120,8 @@ pub enum Request {
     ImageDelete {
         name: String,
     },
-    /// Removes cached layers no image references, and leftover staging dirs.
+    /// Removes cached layers no image references (nor a pull in progress
+    /// uses), and finished kernel downloads.
     ImagePrune,
     /// Builds an image from the Debian archive with mmdebstrap (streams progress).
     ImageBuild(ImageBuildRequest),
@@ -137,6 +139,29 @@ pub enum Request {
         name: String,
     },
     KernelCatalog,
+    /// Bridge, TAP pool, NAT rules, leases and DNS records.
+    NetworkStatus,
+    /// Removes everything banger created on the host network (bridge,
+    /// TAPs, nft table); refused while VMs run.
+    NetworkDown,
+    /// Reserves a guest address for `owner` (a specific one with `ip`).
+    LeaseReserve {
+        owner: String,
+        ip: Option<std::net::Ipv4Addr>,
+    },
+    LeaseRelease {
+        owner: String,
+    },
+    /// Adds a static `<name>.vm` record.
+    DnsAdd {
+        name: String,
+        ip: std::net::Ipv4Addr,
+    },
+    DnsRemove {
+        name: String,
+    },
+    /// Points the host resolver at banger's DNS for `.vm` names.
+    DnsSetup,
 }
 
 impl Request {
@@ -168,6 +193,13 @@ impl Request {
             Request::KernelPull { .. } => "kernel_pull",
             Request::KernelDelete { .. } => "kernel_delete",
             Request::KernelCatalog => "kernel_catalog",
+            Request::NetworkStatus => "network_status",
+            Request::NetworkDown => "network_down",
+            Request::LeaseReserve { .. } => "lease_reserve",
+            Request::LeaseRelease { .. } => "lease_release",
+            Request::DnsAdd { .. } => "dns_add",
+            Request::DnsRemove { .. } => "dns_remove",
+            Request::DnsSetup => "dns_setup",
         }
     }
 }
@@ -199,6 +231,10 @@ pub enum Response {
     Pruned(PruneReport),
     ImageCatalog(Vec<ImageCatalogEntry>),
     KernelCatalog(Vec<KernelCatalogEntry>),
+    Network(NetworkStatus),
+    Lease(Lease),
+    /// What `dns setup` did, or what to do by hand.
+    DnsSetup(DnsSetupReport),
 }
 
 /// A step of a long operation.

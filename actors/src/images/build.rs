@@ -274,6 +274,12 @@ pub async fn build(
     };
 
     let started = Instant::now();
+    rctx.progress(
+        "inject",
+        "SSH key, hostname, network bootstrap".into(),
+        None,
+    )
+    .await;
     let key = inject::ensure_ssh_key(&settings.config_dir)?;
     let metadata = serde_json::json!({"name": name, "source": "build", "suite": suite, "packages": packages, "kernel": kernel.name});
     let (t, n) = (tree.clone(), name.clone());
@@ -291,6 +297,8 @@ pub async fn build(
     .await;
 
     let started = Instant::now();
+    rctx.progress("build", "ext4 rootfs and work seed".into(), None)
+        .await;
     let t = tree.clone();
     let usage = tokio::task::spawn_blocking(move || ext4::measure_tree(&t))
         .await

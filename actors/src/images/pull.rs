@@ -14,11 +14,11 @@ use banger_protocol::{ErrorData, ErrorKind, ImageInfo, ImagePullRequest, ImageRu
 use tokio::sync::mpsc;
 
 use super::{inject, ImageSettings, ImagesMsg, StagedImage, PUBLISH_PATIENCE, ROOTFS, WORK_SEED};
-use crate::ask::{ask, ask_patiently, lookup};
+use crate::ask::{ask, ask_patiently, lookup, offload};
 use crate::layout::{new_id, Layout, StagingDir};
 use crate::names;
 use crate::records::validate_name;
-use crate::router::dispatch::RequestCtx;
+use crate::router::dispatch::{ProgressSink, RequestCtx};
 use crate::unix_ms;
 
 pub(crate) fn err_of(kind: ErrorKind, err: &(dyn std::error::Error + 'static)) -> ErrorData {
@@ -158,16 +158,34 @@ pub async fn pull(
     let (tx, mut rx) = mpsc::channel::<PullEvent>(64);
     let fetch = registry::fetch_layers(&resolved, &cache, &opts, tx, rctx.cancel.clone());
     tokio::pin!(fetch);
+    let report = |event: PullEvent| {
+        let PullEvent::Layer {
+            digest,
+            bytes_done,
+            bytes_total,
+            cached,
+        } = event;
+        let detail = if cached {
+            format!("layer {} (cached)", short(&digest))
+        } else {
+            format!("layer {}", short(&digest))
+        };
+        (detail, (bytes_done, bytes_total))
+    };
     let layers = loop {
         tokio::select! {
             res = &mut fetch => break res.map_err(|e| err_of(pull_kind(&e), &e))?,
             Some(event) = rx.recv() => {
-                let PullEvent::Layer { digest, bytes_done, bytes_total, cached } = event;
-                let detail = if cached { format!("layer {} (cached)", short(&digest)) } else { format!("layer {}", short(&digest)) };
-                rctx.progress("download", detail, Some((bytes_done, bytes_total))).await;
+                let (detail, bytes) = report(event);
+                rctx.progress("download", detail, Some(bytes)).await;
             }
         }
     };
+    // Events sent just before the fetch finished (cached layers among them).
+    while let Ok(event) = rx.try_recv() {
+        let (detail, bytes) = report(event);
+        rctx.progress("download", detail, Some(bytes)).await;
+    }
     let fetched = layers.iter().filter(|l| !l.cached).count();
     rctx.progress(
         "download",
@@ -188,29 +206,15 @@ pub async fn pull(
         max_image_bytes: settings.max_image_bytes,
         ..Limits::default()
     };
-    let mut unpacker =
-        Unpacker::new(&tree_dir, limits).map_err(|e| err_of(ErrorKind::Internal, &e))?;
-    for (i, layer) in layers.iter().enumerate() {
-        let d = &layer.descriptor;
-        rctx.progress(
-            "extract",
-            format!("layer {}/{} {}", i + 1, layers.len(), short(&d.digest)),
-            Some((i as u64, layers.len() as u64)),
-        )
-        .await;
-        let blob = cache
-            .open_blob(&d.digest, d.size, Verify::Size)
-            .await
-            .map_err(|e| err_of(ErrorKind::Internal, &e))?;
-        unpacker
-            .apply_layer(&d.digest, d.compression(), blob)
-            .await
-            .map_err(|e| {
-                err_of(ErrorKind::InvalidRequest, &e)
-                    .with_hint("the image's layers are malformed or hostile; banger refused them")
-            })?;
-    }
-    let tree = unpacker.finish();
+    let unpacker = Unpacker::new(&tree_dir, limits).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    let tree = unpack_layers(
+        unpacker,
+        layers,
+        cache.clone(),
+        rctx.sink(),
+        rctx.cancel.clone(),
+    )
+    .await?;
     rctx.progress(
         "extract",
         format!(
@@ -225,6 +229,12 @@ pub async fn pull(
 
     // Inject.
     let stage_started = Instant::now();
+    rctx.progress(
+        "inject",
+        "SSH key, hostname, network bootstrap".into(),
+        None,
+    )
+    .await;
     let key = inject::ensure_ssh_key(&settings.config_dir)?;
     let metadata = serde_json::json!({
         "name": name,
@@ -251,6 +261,8 @@ pub async fn pull(
 
     // Build.
     let stage_started = Instant::now();
+    rctx.progress("build", "ext4 rootfs and work seed".into(), None)
+        .await;
     let rootfs = staging.path().join(ROOTFS);
     let stats = ext4::build_rootfs(&tree, &rootfs, req.size)
         .await
@@ -323,6 +335,44 @@ pub async fn pull(
     rctx.progress("publish", format!("image {name} ready"), None)
         .await;
     Ok(info)
+}
+
+/// Applies the layers in order. Decompression and tar parsing are CPU
+/// work: they run on a blocking-pool thread with a runtime of their own,
+/// so the daemon's async workers keep serving other requests meanwhile.
+async fn unpack_layers(
+    mut unpacker: Unpacker,
+    layers: Vec<registry::CachedLayer>,
+    cache: LayerCache,
+    sink: ProgressSink,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<banger_image::unpack::UnpackedTree, ErrorData> {
+    let work = async move {
+        let n = layers.len();
+        for (i, layer) in layers.iter().enumerate() {
+            let d = &layer.descriptor;
+            sink.progress(
+                "extract",
+                format!("layer {}/{n} {}", i + 1, short(&d.digest)),
+                Some((i as u64, n as u64)),
+            )
+            .await;
+            let blob = cache
+                .open_blob(&d.digest, d.size, Verify::Size)
+                .await
+                .map_err(|e| err_of(ErrorKind::Internal, &e))?;
+            unpacker
+                .apply_layer(&d.digest, d.compression(), blob)
+                .await
+                .map_err(|e| {
+                    err_of(ErrorKind::InvalidRequest, &e).with_hint(
+                        "the image's layers are malformed or hostile; banger refused them",
+                    )
+                })?;
+        }
+        Ok(unpacker.finish())
+    };
+    offload(cancel, move || work).await
 }
 
 fn pull_kind(err: &registry::PullError) -> ErrorKind {

@@ -119,11 +119,10 @@ use std::path::PathBuf;
 
 use banger_image::unpack::{Compression, Limits, Unpacker};
 use banger_protocol::KernelInfo;
-use tokio::io::AsyncReadExt;
 
 use super::import::{import_kernel, KernelSource};
 use super::KernelsMsg;
-use crate::ask::ask;
+use crate::ask::{ask, offload};
 use crate::images::ImageSettings;
 use crate::layout::{new_id, Layout, StagingDir};
 use crate::names;
@@ -205,13 +204,20 @@ pub async fn pull_kernel(
         .map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))?
         .defer_ownership(true);
     let label = format!("catalog {}", entry.url);
-    let bad = |e: &(dyn std::error::Error + 'static)| {
-        ErrorData::from_error(ErrorKind::InvalidRequest, e)
-            .with_cause(format!("unpacking {}", entry.url))
-    };
-    match entry.format.as_str() {
-        "deb" => {
-            let data = tokio::fs::read(&file).await.map_err(|e| bad(&e))?;
+    let (format, sha, url, file2) = (
+        entry.format.clone(),
+        entry.sha256.clone(),
+        entry.url.clone(),
+        file.clone(),
+    );
+    // The tree is read from disk below; the unpacked summary is not needed.
+    let _tree = offload(rctx.cancel.clone(), move || async move {
+        let bad = |e: &(dyn std::error::Error + 'static)| {
+            ErrorData::from_error(ErrorKind::InvalidRequest, e)
+                .with_cause(format!("unpacking {url}"))
+        };
+        if format == "deb" {
+            let data = tokio::fs::read(&file2).await.map_err(|e| bad(&e))?;
             let (member, payload) = deb_data_member(&data).map_err(|e| bad(&e))?;
             let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match member.as_str() {
                 "data.tar.xz" => {
@@ -226,23 +232,19 @@ pub async fn pull_kernel(
                 _ => Box::new(payload),
             };
             unpacker
-                .apply_layer(&entry.sha256, Compression::None, reader)
+                .apply_layer(&sha, Compression::None, reader)
                 .await
                 .map_err(|e| bad(&e))?;
-        }
-        _ => {
-            let mut f = tokio::fs::File::open(&file).await.map_err(|e| bad(&e))?;
-            let mut magic = [0u8; 8];
-            let n = f.read(&mut magic).await.map_err(|e| bad(&e))?;
-            let compression = Compression::sniff(&magic[..n]);
-            let f = tokio::fs::File::open(&file).await.map_err(|e| bad(&e))?;
+        } else {
+            let f = tokio::fs::File::open(&file2).await.map_err(|e| bad(&e))?;
             unpacker
-                .apply_layer(&entry.sha256, compression, f)
+                .apply_layer(&sha, Compression::Detect, f)
                 .await
                 .map_err(|e| bad(&e))?;
         }
-    }
-    drop(unpacker.finish());
+        Ok(unpacker.finish())
+    })
+    .await?;
     let src = find_artifacts(&tree, &entry.format).ok_or_else(|| {
         ErrorData::new(
             ErrorKind::InvalidRequest,

@@ -35,7 +35,16 @@ pub struct RequestCtx {
     pub started: Instant,
 }
 
-impl RequestCtx {
+/// A cloneable handle for streaming progress of one request, for work
+/// that runs outside the request task (blocking threads).
+#[derive(Debug, Clone)]
+pub struct ProgressSink {
+    id: u64,
+    out: mpsc::Sender<ServerMessage>,
+    started: Instant,
+}
+
+impl ProgressSink {
     /// Streams one progress event to the client.
     pub async fn progress(&self, stage: &str, detail: String, bytes: Option<(u64, u64)>) {
         let progress = Progress {
@@ -52,6 +61,21 @@ impl RequestCtx {
                 progress,
             })
             .await;
+    }
+}
+
+impl RequestCtx {
+    pub fn sink(&self) -> ProgressSink {
+        ProgressSink {
+            id: self.id,
+            out: self.out.clone(),
+            started: self.started,
+        }
+    }
+
+    /// Streams one progress event to the client.
+    pub async fn progress(&self, stage: &str, detail: String, bytes: Option<(u64, u64)>) {
+        self.sink().progress(stage, detail, bytes).await;
     }
 
     fn cancelled_error(&self) -> ErrorData {
@@ -134,6 +158,13 @@ async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, ErrorDa
         | Request::KernelPull { .. }
         | Request::KernelDelete { .. }
         | Request::KernelCatalog => super::artifacts::handle(request, rctx).await,
+        Request::NetworkStatus
+        | Request::NetworkDown
+        | Request::LeaseReserve { .. }
+        | Request::LeaseRelease { .. }
+        | Request::DnsAdd { .. }
+        | Request::DnsRemove { .. }
+        | Request::DnsSetup => super::network::handle(request, rctx).await,
         Request::DebugProgress { steps, interval_ms } => {
             let interval = Duration::from_millis(interval_ms.min(60_000));
             for step in 1..=steps {

@@ -12,6 +12,7 @@
 mod artifacts;
 pub mod connection;
 pub mod dispatch;
+mod network;
 
 use std::future::Future;
 use std::os::unix::net::UnixListener as StdUnixListener;
