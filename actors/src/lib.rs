@@ -6,6 +6,8 @@
 //! ├── events            lifecycle events, backlog kept in the store
 //! ├── kernels           kernel records; publication window for new kernels
 //! ├── images            image records; publication window for new images
+//! ├── taps              TapPool: bridge, warm TAPs, NAT, guest address leases
+//! ├── dns               the `vm.` DNS server and its records
 //! └── router            owns the listening socket; one task per connection
 //! ```
 //!
@@ -19,6 +21,7 @@ pub mod fsutil;
 pub mod images;
 pub mod kernels;
 pub mod layout;
+pub mod network;
 pub mod records;
 pub mod router;
 pub mod store;
@@ -32,6 +35,8 @@ pub mod names {
     pub const ROUTER: &str = "router";
     pub const KERNELS: &str = "kernels";
     pub const IMAGES: &str = "images";
+    pub const TAPS: &str = "taps";
+    pub const DNS: &str = "dns";
 }
 
 /// Milliseconds since the Unix epoch, for timestamps that travel.

@@ -43,6 +43,79 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     pub shutdown: ShutdownConfig,
     pub images: ImagesConfig,
+    pub network: NetworkConfig,
+    pub dns: DnsConfig,
+}
+
+/// Host networking: the bridge, the TAP pool, NAT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Create and manage the bridge, TAPs and NAT. When false, nothing is
+    /// touched on the host and VMs cannot get a network.
+    pub enabled: bool,
+    /// The bridge every VM's TAP joins.
+    pub bridge: String,
+    /// Guest subnet; the host takes the first address on the bridge.
+    pub subnet: String,
+    /// Prefix of TAP device names (`bgtap0`, `bgtap1`, ...).
+    pub tap_prefix: String,
+    /// banger's own nftables table (family `ip`).
+    pub nft_table: String,
+    /// TAP devices kept created and ready, so a VM start does not wait for one.
+    pub pool_size: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        let net = banger_net::NetConfig::default();
+        Self {
+            enabled: true,
+            bridge: net.bridge,
+            subnet: net.subnet.to_string(),
+            tap_prefix: net.tap_prefix,
+            nft_table: net.nft_table,
+            pool_size: 4,
+        }
+    }
+}
+
+impl NetworkConfig {
+    pub fn to_net(&self) -> Result<banger_net::NetConfig, String> {
+        let net = banger_net::NetConfig {
+            bridge: self.bridge.clone(),
+            subnet: self
+                .subnet
+                .parse()
+                .map_err(|e| format!("network.subnet: {e}"))?,
+            tap_prefix: self.tap_prefix.clone(),
+            nft_table: self.nft_table.clone(),
+        };
+        net.validate().map_err(|e| format!("network: {e}"))?;
+        Ok(net)
+    }
+}
+
+/// The `vm.` DNS server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Serve `<name>.vm` records.
+    pub enabled: bool,
+    /// Address (UDP and TCP) to answer on; keep it on loopback.
+    pub listen: String,
+    /// TTL of the answers, in seconds (short: VMs come and go).
+    pub ttl: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:42069".into(),
+            ttl: 5,
+        }
+    }
 }
 
 /// Images and kernels.
@@ -103,6 +176,8 @@ impl Default for Config {
             supervisor: SupervisorConfig::default(),
             shutdown: ShutdownConfig::default(),
             images: ImagesConfig::default(),
+            network: NetworkConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -162,6 +237,14 @@ impl Config {
                 "supervisor.backoff_initial_ms must not exceed supervisor.backoff_max_ms".into(),
             );
         }
+        self.network.to_net()?;
+        if self.network.pool_size > 64 {
+            return Err("network.pool_size must be at most 64".into());
+        }
+        self.dns
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("dns.listen `{}`: {e}", self.dns.listen))?;
         if self.images.max_image_bytes < 1 << 20 {
             return Err("images.max_image_bytes must be at least 1 MiB".into());
         }

@@ -21,6 +21,8 @@ use banger_actors::images::{ImageRegistry, ImageSettings, ImagesArgs, NoVms};
 use banger_actors::kernels::{KernelRegistry, KernelsArgs};
 use banger_actors::layout::Layout;
 use banger_actors::names;
+use banger_actors::network::dns::{Dns, DnsArgs, DnsSettings};
+use banger_actors::network::taps::{NetworkSettings, TapPool, TapsArgs};
 use banger_actors::router::{DaemonInfo, HostServices, Router, RouterArgs, RouterContext};
 use banger_actors::store::{Store, StoreArgs};
 use banger_actors::supervisor::{
@@ -154,6 +156,19 @@ async fn run() -> anyhow::Result<ExitCode> {
         );
     }
 
+    let network = NetworkSettings {
+        enabled: config.network.enabled,
+        net: config.network.to_net().map_err(anyhow::Error::msg)?,
+        pool_size: config.network.pool_size,
+    };
+    let dns = DnsSettings {
+        enabled: config.dns.enabled,
+        config: banger_dns::DnsConfig {
+            listen: config.dns.listen.parse()?,
+            ttl: config.dns.ttl,
+            ..banger_dns::DnsConfig::default()
+        },
+    };
     let escalation = CancellationToken::new();
     let children = vec![
         ChildSpec::new(
@@ -185,6 +200,22 @@ async fn run() -> anyhow::Result<ExitCode> {
                 layout,
                 store_timeout: config.request_timeout(),
                 users: Arc::new(NoVms),
+            },
+        ),
+        ChildSpec::new(
+            names::TAPS,
+            TapPool,
+            TapsArgs {
+                settings: network,
+                store_timeout: config.request_timeout(),
+            },
+        ),
+        ChildSpec::new(
+            names::DNS,
+            Dns,
+            DnsArgs {
+                settings: dns,
+                store_timeout: config.request_timeout(),
             },
         ),
         ChildSpec::new(

@@ -162,6 +162,14 @@ pub enum Request {
     },
     /// Points the host resolver at banger's DNS for `.vm` names.
     DnsSetup,
+    /// Takes a TAP from the pool for `owner` (what a VM start does;
+    /// `banger debug tap` exposes it for tests and benchmarks).
+    TapAcquire {
+        owner: String,
+    },
+    TapRelease {
+        tap: String,
+    },
 }
 
 impl Request {
@@ -200,6 +208,8 @@ impl Request {
             Request::DnsAdd { .. } => "dns_add",
             Request::DnsRemove { .. } => "dns_remove",
             Request::DnsSetup => "dns_setup",
+            Request::TapAcquire { .. } => "tap_acquire",
+            Request::TapRelease { .. } => "tap_release",
         }
     }
 }
@@ -235,6 +245,11 @@ pub enum Response {
     Lease(Lease),
     /// What `dns setup` did, or what to do by hand.
     DnsSetup(DnsSetupReport),
+    Tap {
+        tap: String,
+        /// False when the pool was empty and the TAP was created on demand.
+        from_pool: bool,
+    },
 }
 
 /// A step of a long operation.

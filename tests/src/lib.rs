@@ -8,10 +8,18 @@
 //!   Dropping it kills whatever daemon still runs on its dirs.
 //! - [`RawConnection`] speaks frames by hand, for malformed-input tests.
 //! - [`wait`] polls for a condition with a deadline instead of sleeping.
+//! - [`artifacts`], [`oci`], [`ext4`] and [`http`] serve the image and
+//!   kernel tests: streaming requests with their progress, hand-made OCI
+//!   layers, reading built ext4 images with debugfs, and a loopback HTTP
+//!   server with `Range` support.
 //!
 //! The binaries are found with [`bin_path`]; build them first with
 //! `cargo build --workspace --bins`.
 
+pub mod artifacts;
+pub mod ext4;
+pub mod http;
+pub mod oci;
 mod raw;
 pub mod wait;
 
@@ -105,13 +113,27 @@ impl TestDaemonBuilder {
             child: None,
             launches: 0,
         };
-        if let Some(config) = self.config {
-            let path = daemon.paths().config_file();
-            fs::create_dir_all(path.parent().expect("config dir")).expect("create config dir");
-            fs::write(&path, config).expect("write config.toml");
-        }
+        let config = with_test_defaults(self.config.as_deref().unwrap_or(""));
+        let path = daemon.paths().config_file();
+        fs::create_dir_all(path.parent().expect("config dir")).expect("create config dir");
+        fs::write(&path, config).expect("write config.toml");
         daemon
     }
+}
+
+/// Test daemons run side by side on the host: unless a test configures
+/// them itself, they create no bridge, TAP or nft table (that is for tests
+/// that run the daemon in a network namespace of their own), and their DNS
+/// server takes a free port.
+pub fn with_test_defaults(config: &str) -> String {
+    let mut out = config.to_string();
+    if !config.contains("[network]") {
+        out.push_str("\n[network]\nenabled = false\n");
+    }
+    if !config.contains("[dns]") {
+        out.push_str("\n[dns]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    out
 }
 
 /// One `bangerd` process in its own temporary XDG directories.

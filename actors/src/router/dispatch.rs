@@ -164,7 +164,9 @@ async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, ErrorDa
         | Request::LeaseRelease { .. }
         | Request::DnsAdd { .. }
         | Request::DnsRemove { .. }
-        | Request::DnsSetup => super::network::handle(request, rctx).await,
+        | Request::DnsSetup
+        | Request::TapAcquire { .. }
+        | Request::TapRelease { .. } => super::network::handle(request, rctx).await,
         Request::DebugProgress { steps, interval_ms } => {
             let interval = Duration::from_millis(interval_ms.min(60_000));
             for step in 1..=steps {

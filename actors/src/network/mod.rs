@@ -1,0 +1,4 @@
+//! Host networking (TapPool) and DNS (Dns) actors.
+
+pub mod dns;
+pub mod taps;

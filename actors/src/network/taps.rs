@@ -1,0 +1,648 @@
+//! The TapPool actor: the bridge, a warm pool of TAP devices on it, NAT
+//! for the guest subnet, and guest address leases.
+//!
+//! State that must survive a crash is in the store: leases (tree
+//! `leases`) and which TAP is handed to which owner (tree `taps`). On
+//! start — daemon start or a restart of this actor — it reconciles the host
+//! with that: the bridge and the nft table are brought to the expected
+//! state, TAPs handed out are adopted, idle banger TAPs on the bridge are
+//! adopted into the pool and any other banger TAP is deleted.
+//!
+//! Netlink work is quick (about a millisecond) but still awaited outside
+//! the mailbox where it can be: refills run in a task that reports back.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use banger_net::ipam::Pool;
+use banger_net::{Host, NatRules, NetConfig};
+use banger_protocol::{BridgeStatus, ErrorData, ErrorKind, Lease, NatStatus, PoolStatus, TapLease};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{info, warn};
+
+use crate::store::{decode_record, StoreClient};
+use crate::unix_ms;
+
+pub const LEASES: &str = "leases";
+pub const TAPS: &str = "taps";
+
+/// Network settings from the daemon's config.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    /// False: nothing is created on the host; requests that need the
+    /// network fail with a clear error.
+    pub enabled: bool,
+    pub net: NetConfig,
+    /// Warm TAPs kept ready.
+    pub pool_size: u32,
+}
+
+/// A TAP handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    pub tap: String,
+    /// False when the pool was empty and the TAP was created on demand.
+    pub from_pool: bool,
+}
+
+#[derive(Debug)]
+pub enum TapsMsg {
+    Acquire {
+        owner: String,
+        reply: RpcReplyPort<Result<Acquired, ErrorData>>,
+    },
+    Release {
+        tap: String,
+        reply: RpcReplyPort<Result<(), ErrorData>>,
+    },
+    Reserve {
+        owner: String,
+        ip: Option<Ipv4Addr>,
+        reply: RpcReplyPort<Result<Lease, ErrorData>>,
+    },
+    Unreserve {
+        owner: String,
+        reply: RpcReplyPort<Result<Option<Lease>, ErrorData>>,
+    },
+    Status(RpcReplyPort<TapsStatus>),
+    /// Removes every TAP, the bridge and the nft table; refused while TAPs are handed out.
+    Down(RpcReplyPort<Result<(), ErrorData>>),
+    /// From the refill task.
+    Refilled {
+        created: Vec<String>,
+        failed: Option<String>,
+    },
+}
+
+/// What `network status` shows of the TapPool.
+#[derive(Debug, Clone)]
+pub struct TapsStatus {
+    pub enabled: bool,
+    pub bridge: BridgeStatus,
+    pub pool: PoolStatus,
+    pub nat_table: String,
+    pub uplink: Option<String>,
+    pub leases: Vec<Lease>,
+    /// The last failure of a background refill, if any.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TapPool;
+
+#[derive(Debug, Clone)]
+pub struct TapsArgs {
+    pub settings: NetworkSettings,
+    pub store_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct TapsState {
+    settings: NetworkSettings,
+    store: StoreClient,
+    host: Option<Host>,
+    pool: Pool,
+    warm: VecDeque<String>,
+    in_use: BTreeMap<String, String>,
+    /// TAP names being created by a refill task (reserved names).
+    creating: BTreeSet<String>,
+    refilling: bool,
+    leases: BTreeMap<Ipv4Addr, Lease>,
+    last_error: Option<String>,
+    uplink: Option<String>,
+}
+
+fn net_err(what: &str) -> impl FnOnce(banger_net::NetError) -> ErrorData + '_ {
+    move |e| ErrorData::from_error(ErrorKind::Internal, &e).with_cause(what.to_string())
+}
+
+fn disabled() -> ErrorData {
+    ErrorData::new(
+        ErrorKind::Unavailable,
+        "host networking is disabled in the config",
+    )
+    .with_hint("set [network] enabled = true in config.toml and restart the daemon")
+}
+
+impl TapsState {
+    fn taken(&self) -> BTreeSet<Ipv4Addr> {
+        self.leases.keys().copied().collect()
+    }
+
+    /// The lowest TAP index not in use, warm or being created.
+    fn next_tap_name(&self) -> Result<String, ErrorData> {
+        let used: BTreeSet<&String> = self
+            .warm
+            .iter()
+            .chain(self.in_use.keys())
+            .chain(self.creating.iter())
+            .collect();
+        (0u32..)
+            .map(|i| self.settings.net.tap_name(i))
+            .find(|n| n.as_ref().map_or(true, |n| !used.contains(n)))
+            .unwrap_or_else(|| unreachable!("an infinite range always has a next element"))
+            .map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))
+    }
+}
+
+impl Actor for TapPool {
+    type Msg = TapsMsg;
+    type State = TapsState;
+    type Arguments = TapsArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TapsMsg>,
+        args: TapsArgs,
+    ) -> Result<TapsState, ActorProcessingErr> {
+        let store = StoreClient::new(args.store_timeout);
+        let settings = args.settings;
+        let pool = Pool::new(settings.net.subnet)?;
+        let mut leases = BTreeMap::new();
+        for (_, value) in store.scan_raw(LEASES, b"").await? {
+            let lease: Lease = decode_record(LEASES, &value)?;
+            leases.insert(lease.ip, lease);
+        }
+        let mut in_use = BTreeMap::new();
+        for (key, value) in store.scan_raw(TAPS, b"").await? {
+            let owner: String = decode_record(TAPS, &value)?;
+            in_use.insert(String::from_utf8_lossy(&key).to_string(), owner);
+        }
+        let mut state = TapsState {
+            settings,
+            store,
+            host: None,
+            pool,
+            warm: VecDeque::new(),
+            in_use,
+            creating: BTreeSet::new(),
+            refilling: false,
+            leases,
+            last_error: None,
+            uplink: None,
+        };
+        if state.settings.enabled {
+            reconcile(&mut state).await?;
+            refill(&myself, &mut state);
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TapsMsg>,
+        msg: TapsMsg,
+        state: &mut TapsState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TapsMsg::Acquire { owner, reply } => acquire(&myself, state, owner, reply).await,
+            TapsMsg::Release { tap, reply } => {
+                let _ = reply.send(release(&myself, state, &tap).await);
+            }
+            TapsMsg::Reserve { owner, ip, reply } => {
+                let _ = reply.send(reserve(state, owner, ip).await);
+            }
+            TapsMsg::Unreserve { owner, reply } => {
+                let lease = state.leases.values().find(|l| l.owner == owner).cloned();
+                let res = match lease {
+                    Some(lease) => state
+                        .store
+                        .delete(LEASES, &lease.ip.octets())
+                        .await
+                        .map(|_| {
+                            state.leases.remove(&lease.ip);
+                            info!(ip = %lease.ip, %owner, "lease released");
+                            Some(lease)
+                        }),
+                    None => Ok(None),
+                };
+                let _ = reply.send(res);
+            }
+            TapsMsg::Status(reply) => {
+                let _ = reply.send(status(state).await);
+            }
+            TapsMsg::Down(reply) => {
+                let _ = reply.send(down(state).await);
+            }
+            TapsMsg::Refilled { created, failed } => {
+                for tap in created {
+                    state.creating.remove(&tap);
+                    state.warm.push_back(tap);
+                }
+                state.refilling = false;
+                if let Some(err) = failed {
+                    warn!(error = %err, "refilling the TAP pool failed");
+                    state.creating.clear();
+                    state.last_error = Some(err);
+                } else {
+                    refill(&myself, state);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Brings the host to the expected state (see the module docs).
+async fn reconcile(state: &mut TapsState) -> Result<(), ErrorData> {
+    let net = state.settings.net.clone();
+    let host = Host::connect()
+        .await
+        .map_err(net_err("opening a netlink connection"))?;
+    let bridge = host
+        .ensure_bridge(&net)
+        .await
+        .map_err(net_err("setting up the bridge"))?;
+    if bridge.changed() {
+        info!(bridge = %net.bridge, address = %bridge.address, "bridge set up");
+    }
+    let uplink = host
+        .default_uplink()
+        .await
+        .map_err(net_err("finding the uplink"))?;
+    state.uplink = uplink.clone();
+    let rules = NatRules::new(&net, uplink);
+    tokio::task::spawn_blocking(move || -> Result<(), ErrorData> {
+        banger_net::enable_ip_forward().map_err(|e| {
+            ErrorData::from_error(ErrorKind::Internal, &e).with_cause("enabling IPv4 forwarding")
+        })?;
+        rules.apply().map_err(net_err("applying the nft table"))
+    })
+    .await
+    .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+
+    let mut adopted = 0;
+    let mut deleted = 0;
+    for link in host
+        .list_links_with_prefix(&net.tap_prefix)
+        .await
+        .map_err(net_err("listing TAPs"))?
+    {
+        if net.tap_index(&link.name).is_none() || link.kind.as_deref() != Some("tun") {
+            continue;
+        }
+        let on_bridge = link.master.as_deref() == Some(net.bridge.as_str());
+        if state.in_use.contains_key(&link.name) {
+            adopted += 1;
+        } else if on_bridge && link.up && (state.warm.len() as u32) < state.settings.pool_size {
+            state.warm.push_back(link.name.clone());
+            adopted += 1;
+        } else {
+            host.delete_tap(&link.name)
+                .await
+                .map_err(net_err("deleting an orphaned TAP"))?;
+            deleted += 1;
+        }
+    }
+    // TAPs recorded as handed out but gone from the host are forgotten.
+    let missing: Vec<String> = {
+        let mut v = Vec::new();
+        for tap in state.in_use.keys() {
+            if !host
+                .link_exists(tap)
+                .await
+                .map_err(net_err("checking TAPs"))?
+            {
+                v.push(tap.clone());
+            }
+        }
+        v
+    };
+    for tap in missing {
+        warn!(%tap, "a handed-out TAP no longer exists; forgetting it");
+        state.store.delete(TAPS, tap.as_bytes()).await?;
+        state.in_use.remove(&tap);
+    }
+    info!(
+        adopted,
+        deleted,
+        warm = state.warm.len(),
+        in_use = state.in_use.len(),
+        "TAPs reconciled"
+    );
+    state.host = Some(host);
+    Ok(())
+}
+
+/// Starts a refill task when the pool is below target.
+fn refill(myself: &ActorRef<TapsMsg>, state: &mut TapsState) {
+    let missing = state
+        .settings
+        .pool_size
+        .saturating_sub(state.warm.len() as u32);
+    if state.refilling || missing == 0 {
+        return;
+    }
+    let Some(host) = state.host.clone() else {
+        return;
+    };
+    let mut names = Vec::new();
+    for _ in 0..missing {
+        match state.next_tap_name() {
+            Ok(name) => {
+                state.creating.insert(name.clone());
+                names.push(name);
+            }
+            Err(_) => break,
+        }
+    }
+    state.refilling = true;
+    let bridge = state.settings.net.bridge.clone();
+    let me = myself.clone();
+    tokio::spawn(async move {
+        let mut created = Vec::new();
+        let mut failed = None;
+        for name in names {
+            match host.create_tap(&name, &bridge).await {
+                Ok(_) => created.push(name),
+                Err(e) => {
+                    failed = Some(format!("creating {name}: {e}"));
+                    break;
+                }
+            }
+        }
+        let _ = me.cast(TapsMsg::Refilled { created, failed });
+    });
+}
+
+async fn acquire(
+    myself: &ActorRef<TapsMsg>,
+    state: &mut TapsState,
+    owner: String,
+    reply: RpcReplyPort<Result<Acquired, ErrorData>>,
+) {
+    if !state.settings.enabled {
+        let _ = reply.send(Err(disabled()));
+        return;
+    }
+    if let Some(tap) = state.warm.pop_front() {
+        let res = state
+            .store
+            .put(TAPS, tap.as_bytes(), &owner)
+            .await
+            .map(|_| {
+                state.in_use.insert(tap.clone(), owner);
+                Acquired {
+                    tap: tap.clone(),
+                    from_pool: true,
+                }
+            });
+        if res.is_err() {
+            state.warm.push_front(tap);
+        }
+        let _ = reply.send(res);
+        refill(myself, state);
+        return;
+    }
+    // Cold path: reserve a name now, create it outside the mailbox.
+    let name = match state.next_tap_name() {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
+        }
+    };
+    let Some(host) = state.host.clone() else {
+        let _ = reply.send(Err(ErrorData::new(
+            ErrorKind::Unavailable,
+            "the network is not set up",
+        )));
+        return;
+    };
+    if let Err(e) = state.store.put(TAPS, name.as_bytes(), &owner).await {
+        let _ = reply.send(Err(e));
+        return;
+    }
+    state.in_use.insert(name.clone(), owner);
+    let bridge = state.settings.net.bridge.clone();
+    let me = myself.clone();
+    tokio::spawn(async move {
+        match host.create_tap(&name, &bridge).await {
+            Ok(_) => {
+                let _ = reply.send(Ok(Acquired {
+                    tap: name,
+                    from_pool: false,
+                }));
+            }
+            Err(e) => {
+                let err = ErrorData::from_error(ErrorKind::Internal, &e)
+                    .with_cause(format!("creating TAP {name}"));
+                // Give the name back.
+                let (tx, _rx) = ractor::concurrency::oneshot();
+                let _ = me.cast(TapsMsg::Release {
+                    tap: name,
+                    reply: tx.into(),
+                });
+                let _ = reply.send(Err(err));
+            }
+        }
+    });
+    refill(myself, state);
+}
+
+async fn release(
+    myself: &ActorRef<TapsMsg>,
+    state: &mut TapsState,
+    tap: &str,
+) -> Result<(), ErrorData> {
+    if state.in_use.remove(tap).is_none() {
+        return Err(ErrorData::new(
+            ErrorKind::NotFound,
+            format!("TAP {tap} is not handed out"),
+        ));
+    }
+    state.store.delete(TAPS, tap.as_bytes()).await?;
+    let Some(host) = state.host.clone() else {
+        return Ok(());
+    };
+    if (state.warm.len() as u32) < state.settings.pool_size
+        && host.link_exists(tap).await.unwrap_or(false)
+    {
+        state.warm.push_back(tap.to_string());
+    } else {
+        let tap = tap.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = host.delete_tap(&tap).await {
+                warn!(%tap, error = %e, "deleting a released TAP failed");
+            }
+        });
+    }
+    refill(myself, state);
+    Ok(())
+}
+
+async fn reserve(
+    state: &mut TapsState,
+    owner: String,
+    ip: Option<Ipv4Addr>,
+) -> Result<Lease, ErrorData> {
+    if owner.is_empty() {
+        return Err(ErrorData::new(
+            ErrorKind::InvalidRequest,
+            "a lease needs an owner",
+        ));
+    }
+    if let Some(existing) = state.leases.values().find(|l| l.owner == owner) {
+        return Err(ErrorData::new(
+            ErrorKind::AlreadyExists,
+            format!("`{owner}` already holds {}", existing.ip),
+        )
+        .with_hint(format!("release it first: banger network lease rm {owner}")));
+    }
+    let taken = state.taken();
+    let addr = match ip {
+        Some(ip) => {
+            state.pool.validate_static(ip, &taken).map_err(|e| {
+                let kind = if taken.contains(&ip) {
+                    ErrorKind::AlreadyExists
+                } else {
+                    ErrorKind::InvalidRequest
+                };
+                ErrorData::from_error(kind, &e).with_hint(format!(
+                    "guest addresses come from {}",
+                    state.settings.net.subnet
+                ))
+            })?;
+            ip
+        }
+        None => state.pool.allocate(&taken).map_err(|e| {
+            ErrorData::from_error(ErrorKind::Unavailable, &e)
+                .with_hint("delete unused VMs or leases, or use a larger subnet")
+        })?,
+    };
+    let lease = Lease {
+        ip: addr,
+        owner,
+        static_ip: ip.is_some(),
+        created_unix_ms: unix_ms(),
+    };
+    state.store.put(LEASES, &addr.octets(), &lease).await?;
+    state.leases.insert(addr, lease.clone());
+    info!(ip = %addr, owner = %lease.owner, "lease reserved");
+    Ok(lease)
+}
+
+async fn status(state: &TapsState) -> TapsStatus {
+    let net = &state.settings.net;
+    let mut bridge = BridgeStatus {
+        name: net.bridge.clone(),
+        exists: false,
+        up: false,
+        address: net
+            .gateway()
+            .map(|g| format!("{g}/{}", net.subnet.prefix())),
+        subnet: net.subnet.to_string(),
+    };
+    if let Some(host) = &state.host {
+        if let Ok(Some(link)) = host.link(&net.bridge).await {
+            bridge.exists = true;
+            bridge.up = link.up;
+        }
+    }
+    TapsStatus {
+        enabled: state.settings.enabled,
+        bridge,
+        pool: PoolStatus {
+            target: state.settings.pool_size,
+            warm: state.warm.iter().cloned().collect(),
+            in_use: state
+                .in_use
+                .iter()
+                .map(|(tap, owner)| TapLease {
+                    tap: tap.clone(),
+                    owner: owner.clone(),
+                })
+                .collect(),
+        },
+        nat_table: net.nft_table.clone(),
+        uplink: state.uplink.clone(),
+        leases: state.leases.values().cloned().collect(),
+        last_error: state.last_error.clone(),
+    }
+}
+
+async fn down(state: &mut TapsState) -> Result<(), ErrorData> {
+    if !state.in_use.is_empty() {
+        let users: Vec<String> = state
+            .in_use
+            .iter()
+            .map(|(t, o)| format!("{t} ({o})"))
+            .collect();
+        return Err(ErrorData::new(
+            ErrorKind::InvalidState,
+            format!("TAPs are in use: {}", users.join(", ")),
+        )
+        .with_hint("stop and delete the VMs first"));
+    }
+    let Some(host) = state.host.clone() else {
+        return Ok(());
+    };
+    let net = state.settings.net.clone();
+    for tap in state.warm.drain(..).collect::<Vec<_>>() {
+        host.delete_tap(&tap)
+            .await
+            .map_err(net_err("deleting a TAP"))?;
+    }
+    for link in host
+        .list_links_with_prefix(&net.tap_prefix)
+        .await
+        .map_err(net_err("listing TAPs"))?
+    {
+        if net.tap_index(&link.name).is_some() && link.kind.as_deref() == Some("tun") {
+            host.delete_tap(&link.name)
+                .await
+                .map_err(net_err("deleting a TAP"))?;
+        }
+    }
+    host.delete_bridge(&net.bridge)
+        .await
+        .map_err(net_err("deleting the bridge"))?;
+    let table = net.nft_table.clone();
+    tokio::task::spawn_blocking(move || NatRules::remove(&table))
+        .await
+        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(net_err("removing the nft table"))?;
+    // Until the next start, nothing is set up.
+    state.host = None;
+    info!("host network removed");
+    Ok(())
+}
+
+/// The nft table as `nft` shows it, for `network status` (blocking).
+pub fn nat_status(table: &str, uplink: Option<String>) -> NatStatus {
+    let rules = match NatRules::current(table) {
+        Ok(Some(json)) => rules_of(&json),
+        _ => {
+            return NatStatus {
+                table: table.to_string(),
+                present: false,
+                uplink,
+                rules: Vec::new(),
+            }
+        }
+    };
+    NatStatus {
+        table: table.to_string(),
+        present: true,
+        uplink,
+        rules,
+    }
+}
+
+fn rules_of(json: &serde_json::Value) -> Vec<String> {
+    json.get("nftables")
+        .and_then(|v| v.as_array())
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i.get("rule"))
+                .map(|r| {
+                    let chain = r.get("chain").and_then(|c| c.as_str()).unwrap_or("?");
+                    let expr = r.get("expr").map(|e| e.to_string()).unwrap_or_default();
+                    format!("{chain}: {expr}")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
