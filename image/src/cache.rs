@@ -353,6 +353,10 @@ impl LayerCache {
                 .await
                 .map_err(CacheError::io("write", &partial))?;
             on_progress(received);
+            // A fast registry keeps the stream ready and the loop CPU-bound
+            // (hashing): yield when the task's budget is spent, so an abort
+            // (cancellation) takes effect at the next chunk, not at the end.
+            tokio::task::consume_budget().await;
         }
         if received < size {
             return Err(CacheError::Truncated {
