@@ -171,6 +171,9 @@ pub(crate) fn respond(cx: &Context<'_>, request: &[u8], out: &mut Vec<u8>) -> Ou
     if header.metadata.message_type == MessageType::Response {
         return Outcome::Dropped(Dropped::NotAQuery);
     }
+    if request.len() > cx.max_request {
+        return too_large(request, request.len(), cx.transport, out);
+    }
     let mut reply = Reply {
         meta: Metadata::response_from_request(&header.metadata),
         query: None,
@@ -187,9 +190,6 @@ pub(crate) fn respond(cx: &Context<'_>, request: &[u8], out: &mut Vec<u8>) -> Ou
         reply.finish(out, Outcome::Malformed(why))
     };
 
-    if request.len() > cx.max_request {
-        return too_large(request, request.len(), cx.transport, out);
-    }
     if header.metadata.op_code != OpCode::Query {
         reply.meta.response_code = ResponseCode::NotImp;
         return reply.finish(out, Outcome::Answered(ResponseCode::NotImp));
@@ -601,28 +601,5 @@ mod tests {
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
         let r = f.ask(&query("db.vm.", RecordType::A));
         assert_eq!(r.answers[0].data, RData::A(A(WEB)));
-    }
-}
-#[cfg(test)]
-mod tmp_perf {
-    use super::*;
-    use crate::Records;
-    use std::sync::Arc;
-    #[test]
-    fn tmp_perf_respond() {
-        let zone = Arc::new(Zone::new("vm.", 5).unwrap());
-        let records = Records::new(zone.clone());
-        records.set("web", std::net::Ipv4Addr::new(10, 0, 0, 2)).unwrap();
-        let snap = records.subscribe().borrow().clone();
-        let cx = Context { zone: &zone, records: &snap, max_request: 4096, transport: Transport::Udp };
-        let mut m = Message::query();
-        m.add_query(Query::query(hickory_proto::rr::Name::from_ascii("web.vm.").unwrap(), RecordType::A));
-        m.set_edns(Edns::new());
-        let req = m.to_vec().unwrap();
-        let mut out = Vec::new();
-        let n = 1_000_000;
-        let t = std::time::Instant::now();
-        for _ in 0..n { respond(&cx, &req, &mut out); }
-        eprintln!("TMPPERF {:?} per respond", t.elapsed() / n);
     }
 }
