@@ -1,11 +1,12 @@
 //! The command line, as clap structs and nothing else: every command's
 //! behaviour lives in its `*_cmd` module, which receives these values.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::values::parse_size;
+use crate::values::{parse_ipv4, parse_size};
 
 /// Run and inspect banger microVMs through the bangerd daemon.
 ///
@@ -40,6 +41,12 @@ pub enum Command {
     /// Import, download and manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Inspect and manage the host network: bridge, TAP pool, NAT, address leases.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Manage the `<name>.vm` DNS records bangerd serves.
+    #[command(subcommand)]
+    Dns(DnsCommand),
     /// Print a shell completion script to stdout.
     Completion(CompletionArgs),
 }
@@ -93,6 +100,24 @@ pub enum DebugCommand {
     Events(EventsArgs),
     /// Run a synthetic long operation that reports progress (Ctrl-C cancels it).
     Progress(ProgressArgs),
+    /// Take a TAP from the pool or give it back, as a VM start and stop do.
+    #[command(subcommand)]
+    Tap(TapCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TapCommand {
+    /// Take a TAP for OWNER (from the warm pool, or created on demand).
+    Acquire(OwnerJsonArgs),
+    /// Give a TAP back (it returns to the pool or is deleted).
+    Release(TapArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TapArgs {
+    /// The TAP's name, as `acquire` or `banger network status` shows it.
+    #[arg(value_name = "TAP", value_parser = non_empty)]
+    pub tap: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -166,6 +191,86 @@ pub enum KernelCommand {
     Delete(NameArgs),
     /// List the kernels `kernel pull` can download.
     Catalog(JsonFlag),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// Show the bridge, the TAP pool, NAT, IP forwarding, leases and DNS.
+    Status(JsonFlag),
+    /// Remove the bridge, the TAPs and the nft table (refused while TAPs are in use).
+    Down,
+    /// Reserve, release and list guest addresses.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeaseCommand {
+    /// Reserve a guest address for OWNER (the next free one, or --ip).
+    Add(LeaseAddArgs),
+    /// Release OWNER's address.
+    Rm(OwnerArgs),
+    /// List the reserved addresses.
+    List(JsonFlag),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LeaseAddArgs {
+    /// Who holds the address (a VM name, or any label).
+    #[arg(value_name = "OWNER", value_parser = non_empty)]
+    pub owner: String,
+    /// This address instead of the next free one (it must be in the guest subnet).
+    #[arg(long, value_name = "A.B.C.D", value_parser = parse_ipv4)]
+    pub ip: Option<Ipv4Addr>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `OWNER` alone.
+#[derive(Args, Debug, Clone)]
+pub struct OwnerArgs {
+    #[arg(value_name = "OWNER", value_parser = non_empty)]
+    pub owner: String,
+}
+
+/// `OWNER [--json]`.
+#[derive(Args, Debug, Clone)]
+pub struct OwnerJsonArgs {
+    #[arg(value_name = "OWNER", value_parser = non_empty)]
+    pub owner: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DnsCommand {
+    /// Add or replace the record NAME.vm → IP.
+    Add(DnsAddArgs),
+    /// Remove the record NAME.vm.
+    Rm(DnsNameArgs),
+    /// List the records bangerd serves.
+    List(JsonFlag),
+    /// Point the host's resolver at bangerd for `.vm` names (or say how to).
+    Setup(JsonFlag),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DnsAddArgs {
+    /// The name, one label (`web` or `web.vm`).
+    #[arg(value_name = "NAME", value_parser = dns_name)]
+    pub name: String,
+    /// The IPv4 address it resolves to.
+    #[arg(value_name = "IP", value_parser = parse_ipv4)]
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DnsNameArgs {
+    /// The name (`web` or `web.vm`).
+    #[arg(value_name = "NAME", value_parser = dns_name)]
+    pub name: String,
 }
 
 /// `NAME` alone.
@@ -296,6 +401,18 @@ pub enum CompletionShell {
     Fish,
 }
 
+/// A DNS name relative to the `vm` zone: `web.vm`, `web.vm.` and `web` all
+/// mean `web`. The daemon checks the rest (one label, allowed characters).
+fn dns_name(s: &str) -> Result<String, String> {
+    let name = s.trim().trim_end_matches('.');
+    let lower = name.to_ascii_lowercase();
+    let name = match lower.strip_suffix(".vm") {
+        Some(stem) => &name[..stem.len()],
+        None => name,
+    };
+    non_empty(name)
+}
+
 fn non_empty(s: &str) -> Result<String, String> {
     if s.trim().is_empty() {
         Err("must not be empty".to_string())
@@ -328,6 +445,41 @@ mod tests {
             &["banger", "image", "show"],
             &["banger", "kernel", "import", "k1"],
             &["banger", "kernel", "delete", ""],
+            &[
+                "banger", "network", "lease", "add", "web", "--ip", "172.30.0",
+            ],
+            &[
+                "banger",
+                "network",
+                "lease",
+                "add",
+                "web",
+                "--ip",
+                "172.30.0.300",
+            ],
+            &[
+                "banger",
+                "network",
+                "lease",
+                "add",
+                "web",
+                "--ip",
+                "172.30.0.5/24",
+            ],
+            &["banger", "network", "lease", "add", ""],
+            &["banger", "network", "lease", "add"],
+            &["banger", "network", "lease", "rm"],
+            &["banger", "network", "lease", "list", "extra"],
+            &["banger", "network", "down", "--json"],
+            &["banger", "network"],
+            &["banger", "dns", "add", "web", "not-an-ip"],
+            &["banger", "dns", "add", "web", "::1"],
+            &["banger", "dns", "add", "web"],
+            &["banger", "dns", "add", ".vm", "10.0.0.1"],
+            &["banger", "dns", "rm", ""],
+            &["banger", "debug", "tap", "acquire"],
+            &["banger", "debug", "tap", "acquire", " "],
+            &["banger", "debug", "tap", "release"],
         ] {
             let err = Cli::try_parse_from(argv).expect_err("must be refused");
             assert_eq!(err.exit_code(), 2, "{argv:?}");
@@ -424,6 +576,91 @@ mod tests {
         let err = Cli::try_parse_from(["banger", "image", "pull", "x", "--size", "2X"])
             .expect_err("bad size");
         assert!(err.to_string().contains("unknown unit `X`"), "{err}");
+    }
+
+    #[test]
+    fn network_and_dns_values() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv).expect("parses").command;
+        match parse(&[
+            "banger",
+            "network",
+            "lease",
+            "add",
+            "web",
+            "--ip",
+            "172.30.0.10",
+        ]) {
+            Command::Network(NetworkCommand::Lease(LeaseCommand::Add(a))) => {
+                assert_eq!(a.owner, "web");
+                assert_eq!(a.ip, Some(Ipv4Addr::new(172, 30, 0, 10)));
+                assert!(!a.json);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse(&["banger", "network", "lease", "add", "db", "--json"]) {
+            Command::Network(NetworkCommand::Lease(LeaseCommand::Add(a))) => {
+                assert_eq!((a.owner.as_str(), a.ip, a.json), ("db", None, true));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse(&["banger", "network", "status", "--json"]) {
+            Command::Network(NetworkCommand::Status(f)) => assert!(f.json),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse(&["banger", "network", "down"]),
+            Command::Network(NetworkCommand::Down)
+        ));
+        match parse(&["banger", "network", "lease", "rm", "web"]) {
+            Command::Network(NetworkCommand::Lease(LeaseCommand::Rm(a))) => {
+                assert_eq!(a.owner, "web")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse(&["banger", "dns", "add", "Web.VM.", "10.0.0.53"]) {
+            Command::Dns(DnsCommand::Add(a)) => {
+                assert_eq!(
+                    (a.name.as_str(), a.ip),
+                    ("Web", Ipv4Addr::new(10, 0, 0, 53))
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for (given, name) in [
+            ("web", "web"),
+            ("web.vm", "web"),
+            ("a.b", "a.b"),
+            ("vm", "vm"),
+        ] {
+            match parse(&["banger", "dns", "rm", given]) {
+                Command::Dns(DnsCommand::Rm(a)) => assert_eq!(a.name, name, "{given}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse(&["banger", "dns", "setup"]),
+            Command::Dns(DnsCommand::Setup(JsonFlag { json: false }))
+        ));
+        assert!(matches!(
+            parse(&["banger", "dns", "list", "--json"]),
+            Command::Dns(DnsCommand::List(JsonFlag { json: true }))
+        ));
+        match parse(&["banger", "debug", "tap", "acquire", "bench-1", "--json"]) {
+            Command::Debug(DebugCommand::Tap(TapCommand::Acquire(a))) => {
+                assert_eq!((a.owner.as_str(), a.json), ("bench-1", true));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse(&["banger", "debug", "tap", "release", "bgtap3"]) {
+            Command::Debug(DebugCommand::Tap(TapCommand::Release(a))) => {
+                assert_eq!(a.tap, "bgtap3")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err =
+            Cli::try_parse_from(["banger", "dns", "add", "web", "10.0.0"]).expect_err("bad ip");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("A.B.C.D"), "{err}");
     }
 
     #[test]

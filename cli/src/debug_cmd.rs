@@ -1,11 +1,15 @@
-//! `banger debug actors|kill-actor|events|progress`: looking inside the
-//! daemon and exercising its streams, cancellation and supervision.
+//! `banger debug actors|kill-actor|events|progress|tap`: looking inside the
+//! daemon and exercising its streams, cancellation, supervision and TAP
+//! pool.
 
 use banger_protocol::{ActorInfo, Event, EventKind, Progress, Request, Response};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::args::{DebugCommand, EventsArgs, JsonFlag, KillActorArgs, ProgressArgs};
+use crate::args::{
+    DebugCommand, EventsArgs, JsonFlag, KillActorArgs, OwnerJsonArgs, ProgressArgs, TapArgs,
+    TapCommand,
+};
 use crate::connect::{self, StreamEnd, StreamItem};
 use crate::error::{CliError, Exit};
 use crate::outln;
@@ -20,6 +24,8 @@ pub async fn run(command: DebugCommand) -> Result<Exit, CliError> {
         DebugCommand::KillActor(args) => kill_actor(args).await,
         DebugCommand::Events(args) => events(args).await,
         DebugCommand::Progress(args) => progress(args).await,
+        DebugCommand::Tap(TapCommand::Acquire(args)) => tap_acquire(args).await,
+        DebugCommand::Tap(TapCommand::Release(args)) => tap_release(args).await,
     }
 }
 
@@ -266,6 +272,58 @@ fn progress_line(p: &Progress) -> String {
     )
 }
 
+/// The JSON shape of `debug tap acquire`.
+#[derive(Serialize, Debug, PartialEq)]
+struct TapJson<'a> {
+    tap: &'a str,
+    owner: &'a str,
+    /// False when the pool was empty and the TAP was created on demand.
+    from_pool: bool,
+}
+
+async fn tap_acquire(args: OwnerJsonArgs) -> Result<Exit, CliError> {
+    let request = Request::TapAcquire {
+        owner: args.owner.clone(),
+    };
+    let (tap, from_pool) = match crate::image_cmd::query(request).await? {
+        Response::Tap { tap, from_pool } => (tap, from_pool),
+        other => return Err(connect::unexpected("tap_acquire", &other)),
+    };
+    let acquired = TapJson {
+        tap: &tap,
+        owner: &args.owner,
+        from_pool,
+    };
+    if args.json {
+        print_json(&acquired)?;
+    } else {
+        outln!("{}", acquired_line(&acquired))?;
+    }
+    Ok(Exit::Ok)
+}
+
+fn acquired_line(t: &TapJson<'_>) -> String {
+    let how = if t.from_pool {
+        "from the warm pool"
+    } else {
+        "created on demand: the pool was empty"
+    };
+    format!("acquired {} for {} ({how})", t.tap, t.owner)
+}
+
+async fn tap_release(args: TapArgs) -> Result<Exit, CliError> {
+    let request = Request::TapRelease {
+        tap: args.tap.clone(),
+    };
+    match crate::image_cmd::query(request).await? {
+        Response::Done => {
+            outln!("released {}", args.tap)?;
+            Ok(Exit::Ok)
+        }
+        other => Err(connect::unexpected("tap_release", &other)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +397,28 @@ mod tests {
         assert_eq!(
             event_line(&stopping),
             "8 1970-01-01T00:00:00.000Z daemon_stopping"
+        );
+    }
+
+    #[test]
+    fn tap_lines_and_json() {
+        let mut t = TapJson {
+            tap: "bgtap0",
+            owner: "bench-1",
+            from_pool: true,
+        };
+        assert_eq!(
+            acquired_line(&t),
+            "acquired bgtap0 for bench-1 (from the warm pool)"
+        );
+        t.from_pool = false;
+        assert_eq!(
+            acquired_line(&t),
+            "acquired bgtap0 for bench-1 (created on demand: the pool was empty)"
+        );
+        assert_eq!(
+            serde_json::to_value(&t).expect("json"),
+            json!({"tap": "bgtap0", "owner": "bench-1", "from_pool": false})
         );
     }
 

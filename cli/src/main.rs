@@ -7,11 +7,13 @@ mod config_cmd;
 mod connect;
 mod daemon_cmd;
 mod debug_cmd;
+mod dns_cmd;
 mod doctor_cmd;
 mod error;
 mod image_cmd;
 mod kernel_cmd;
 mod logs_cmd;
+mod network_cmd;
 mod output;
 mod progress;
 mod values;
@@ -68,6 +70,8 @@ async fn run(command: Command) -> Result<Exit, CliError> {
         Command::Doctor(flags) => doctor_cmd::run(flags).await,
         Command::Image(cmd) => image_cmd::run(cmd).await,
         Command::Kernel(cmd) => kernel_cmd::run(cmd).await,
+        Command::Network(cmd) => network_cmd::run(cmd).await,
+        Command::Dns(cmd) => dns_cmd::run(cmd).await,
         Command::Completion(args) => completion(args.shell),
     }
 }

@@ -1,8 +1,10 @@
-//! Values the image and kernel commands take from the command line and
-//! turn into what the daemon expects: sizes in bytes (`--size 1.5G`) and
-//! local paths made absolute against the client's working directory (the
-//! daemon has its own and refuses relative paths).
+//! Values commands take from the command line and turn into what the
+//! daemon expects: sizes in bytes (`--size 1.5G`), IPv4 addresses
+//! (`--ip 172.30.0.10`), and local paths made absolute against the
+//! client's working directory (the daemon has its own and refuses relative
+//! paths).
 
+use std::net::Ipv4Addr;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::CliError;
@@ -63,6 +65,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         return Err(invalid("a size must be more than zero"));
     }
     Ok(bytes)
+}
+
+/// Parses a dotted-quad IPv4 address (`172.30.0.10`: four decimal numbers
+/// 0-255, no leading zeros). The clap value parser of every IP argument,
+/// so a malformed address is a usage error; whether the address fits (the
+/// guest subnet, a free one) is for the daemon to say.
+pub fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| "expected an IPv4 address A.B.C.D, e.g. 172.30.0.10".to_string())
 }
 
 /// `path` made absolute against `cwd`, with `.` components dropped. `..`
@@ -161,6 +173,26 @@ mod tests {
         assert!(parse_size("16777216T").is_err());
         assert_eq!(parse_size("16777215T"), Ok(16_777_215 * T));
         assert!(parse_size("99999999999999999999999999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn ipv4_addresses() {
+        assert_eq!(parse_ipv4("172.30.0.10"), Ok(Ipv4Addr::new(172, 30, 0, 10)));
+        assert_eq!(parse_ipv4(" 10.0.0.1 "), Ok(Ipv4Addr::new(10, 0, 0, 1)));
+        for bad in [
+            "",
+            "172.30.0",
+            "172.30.0.256",
+            "172.30.0.1/24",
+            "172.030.0.1",
+            "::1",
+            "web",
+            "1.2.3.4.5",
+            "-1.2.3.4",
+        ] {
+            let err = parse_ipv4(bad).expect_err(bad);
+            assert!(err.contains("A.B.C.D"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -46,7 +46,8 @@ pub struct NatStatus {
     pub present: bool,
     /// The uplink masqueraded out of, when one was found.
     pub uplink: Option<String>,
-    /// The rules, one per line, as `nft` prints them.
+    /// The rules, one per line, as `nft list table` prints them,
+    /// prefixed with their chain (`forward: iifname "banger0" accept`).
     pub rules: Vec<String>,
 }
 

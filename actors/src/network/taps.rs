@@ -376,6 +376,13 @@ async fn acquire(
         let _ = reply.send(Err(disabled()));
         return;
     }
+    if state.host.is_none() {
+        // Taken down with `network down`: set it up again on demand.
+        if let Err(e) = reconcile(state).await {
+            let _ = reply.send(Err(e));
+            return;
+        }
+    }
     if let Some(tap) = state.warm.pop_front() {
         let res = state
             .store
@@ -534,7 +541,11 @@ async fn status(state: &TapsState) -> TapsStatus {
             .map(|g| format!("{g}/{}", net.subnet.prefix())),
         subnet: net.subnet.to_string(),
     };
-    if let Some(host) = &state.host {
+    let host = match &state.host {
+        Some(h) => Some(h.clone()),
+        None => Host::connect().await.ok(),
+    };
+    if let Some(host) = host {
         if let Ok(Some(link)) = host.link(&net.bridge).await {
             bridge.exists = true;
             bridge.up = link.up;
@@ -611,38 +622,42 @@ async fn down(state: &mut TapsState) -> Result<(), ErrorData> {
 
 /// The nft table as `nft` shows it, for `network status` (blocking).
 pub fn nat_status(table: &str, uplink: Option<String>) -> NatStatus {
-    let rules = match NatRules::current(table) {
-        Ok(Some(json)) => rules_of(&json),
-        _ => {
-            return NatStatus {
-                table: table.to_string(),
-                present: false,
-                uplink,
-                rules: Vec::new(),
-            }
-        }
-    };
-    NatStatus {
-        table: table.to_string(),
-        present: true,
-        uplink,
-        rules,
+    let absent = |uplink| NatStatus { table: table.to_string(), present: false, uplink, rules: Vec::new() };
+    if !matches!(NatRules::exists(table), Ok(true)) {
+        return absent(uplink);
     }
+    let out = std::process::Command::new("nft").args(["list", "table", "ip", table]).output();
+    let rules = match out {
+        Ok(o) if o.status.success() => rule_lines(&String::from_utf8_lossy(&o.stdout)),
+        _ => Vec::new(),
+    };
+    NatStatus { table: table.to_string(), present: true, uplink, rules }
 }
 
-fn rules_of(json: &serde_json::Value) -> Vec<String> {
-    json.get("nftables")
-        .and_then(|v| v.as_array())
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|i| i.get("rule"))
-                .map(|r| {
-                    let chain = r.get("chain").and_then(|c| c.as_str()).unwrap_or("?");
-                    let expr = r.get("expr").map(|e| e.to_string()).unwrap_or_default();
-                    format!("{chain}: {expr}")
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// The rule lines of `nft list table` output, prefixed with their chain.
+fn rule_lines(text: &str) -> Vec<String> {
+    let mut chain = String::new();
+    let mut rules = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ") {
+            chain = name.trim_end_matches(" {").to_string();
+        } else if !line.is_empty() && !line.starts_with("type ") && !line.starts_with("table ") && line != "}" {
+            rules.push(format!("{chain}: {line}"));
+        }
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_lines_keep_rules_with_their_chain() {
+        let text = "table ip banger {\n\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 172.30.0.0/24 masquerade\n\t}\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"banger0\" accept\n\t}\n}\n";
+        assert_eq!(
+            rule_lines(text),
+            vec!["postrouting: ip saddr 172.30.0.0/24 masquerade".to_string(), "forward: iifname \"banger0\" accept".to_string()]
+        );
+    }
 }
