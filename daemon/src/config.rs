@@ -80,6 +80,18 @@ impl Default for NetworkConfig {
     }
 }
 
+/// An error and its causes on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
 impl NetworkConfig {
     pub fn to_net(&self) -> Result<banger_net::NetConfig, String> {
         let net = banger_net::NetConfig {
@@ -91,7 +103,8 @@ impl NetworkConfig {
             tap_prefix: self.tap_prefix.clone(),
             nft_table: self.nft_table.clone(),
         };
-        net.validate().map_err(|e| format!("network: {e}"))?;
+        net.validate()
+            .map_err(|e| format!("[network]: {}", chain(&e)))?;
         Ok(net)
     }
 }
@@ -106,6 +119,9 @@ pub struct DnsConfig {
     pub listen: String,
     /// TTL of the answers, in seconds (short: VMs come and go).
     pub ttl: u32,
+    /// Queries per second one source address may send (bursts of twice
+    /// that); beyond it UDP queries are dropped. 0 means no limit.
+    pub client_qps: u32,
 }
 
 impl Default for DnsConfig {
@@ -114,6 +130,7 @@ impl Default for DnsConfig {
             enabled: true,
             listen: "127.0.0.1:42069".into(),
             ttl: 5,
+            client_qps: 10_000,
         }
     }
 }

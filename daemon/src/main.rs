@@ -166,6 +166,13 @@ async fn run() -> anyhow::Result<ExitCode> {
         config: banger_dns::DnsConfig {
             listen: config.dns.listen.parse()?,
             ttl: config.dns.ttl,
+            limits: banger_dns::Limits {
+                client_rate: (config.dns.client_qps > 0).then(|| banger_dns::ClientRate {
+                    queries_per_second: config.dns.client_qps,
+                    burst: config.dns.client_qps.saturating_mul(2),
+                }),
+                ..banger_dns::Limits::default()
+            },
             ..banger_dns::DnsConfig::default()
         },
     };

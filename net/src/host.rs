@@ -377,6 +377,20 @@ impl Host {
         }
     }
 
+    /// Puts an existing TAP (back) on `bridge` and sets it up, e.g. one a
+    /// crash left detached.
+    pub async fn reattach_tap(&self, name: &str, bridge: &str) -> Result<TapInfo, NetError> {
+        validate_ifname(name)?;
+        let bridge_link = self
+            .get_link(bridge)
+            .await?
+            .ok_or_else(|| NetError::NotFound {
+                kind: "bridge",
+                name: bridge.to_owned(),
+            })?;
+        self.attach_tap(name, bridge_link.index).await
+    }
+
     async fn attach_tap(&self, name: &str, bridge_index: u32) -> Result<TapInfo, NetError> {
         let link = self
             .get_link(name)

@@ -19,6 +19,7 @@
 pub mod artifacts;
 pub mod ext4;
 pub mod http;
+pub mod netns;
 pub mod oci;
 mod raw;
 pub mod wait;
@@ -78,6 +79,8 @@ fn profile_dir() -> PathBuf {
 #[derive(Debug, Default)]
 pub struct TestDaemonBuilder {
     config: Option<String>,
+    /// Run in a network namespace of its own (see [`netns`]).
+    netns: bool,
 }
 
 impl TestDaemonBuilder {
@@ -108,12 +111,22 @@ impl TestDaemonBuilder {
         }
         fs::set_permissions(dir.path().join("run"), fs::Permissions::from_mode(0o700))
             .expect("chmod runtime dir");
+        let netns = self.netns.then(netns::NetNs::create);
+        let config = self.config.as_deref().unwrap_or("");
+        let config = match netns {
+            // The network is the namespace's: keep the daemon's defaults.
+            Some(_) if !config.contains("[dns]") => {
+                format!("{config}\n[dns]\nlisten = \"127.0.0.1:0\"\n")
+            }
+            Some(_) => config.to_string(),
+            None => with_test_defaults(config),
+        };
         let daemon = TestDaemon {
             dir,
             child: None,
             launches: 0,
+            netns,
         };
-        let config = with_test_defaults(self.config.as_deref().unwrap_or(""));
         let path = daemon.paths().config_file();
         fs::create_dir_all(path.parent().expect("config dir")).expect("create config dir");
         fs::write(&path, config).expect("write config.toml");
@@ -146,6 +159,8 @@ pub struct TestDaemon {
     dir: TempDir,
     child: Option<Child>,
     launches: u32,
+    /// Dropped after the daemon is killed (`Drop` runs before the fields).
+    netns: Option<netns::NetNs>,
 }
 
 impl TestDaemon {
@@ -186,7 +201,10 @@ impl TestDaemon {
 
     /// A `bangerd` command with this test's environment; stdio is left to the caller.
     pub fn bangerd_command(&self) -> Command {
-        let mut cmd = Command::new(bin_path("bangerd"));
+        let mut cmd = match &self.netns {
+            Some(ns) => ns.command(bin_path("bangerd")),
+            None => Command::new(bin_path("bangerd")),
+        };
         self.apply_env(&mut cmd);
         cmd
     }

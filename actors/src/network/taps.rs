@@ -73,6 +73,10 @@ pub enum TapsMsg {
         created: Vec<String>,
         failed: Option<String>,
     },
+    /// From a background delete: the name is free again.
+    Deleted {
+        tap: String,
+    },
 }
 
 /// What `network status` shows of the TapPool.
@@ -107,6 +111,8 @@ pub struct TapsState {
     in_use: BTreeMap<String, String>,
     /// TAP names being created by a refill task (reserved names).
     creating: BTreeSet<String>,
+    /// TAP names being deleted in the background (reserved until gone).
+    deleting: BTreeSet<String>,
     refilling: bool,
     leases: BTreeMap<Ipv4Addr, Lease>,
     last_error: Option<String>,
@@ -137,6 +143,7 @@ impl TapsState {
             .iter()
             .chain(self.in_use.keys())
             .chain(self.creating.iter())
+            .chain(self.deleting.iter())
             .collect();
         (0u32..)
             .map(|i| self.settings.net.tap_name(i))
@@ -177,6 +184,7 @@ impl Actor for TapPool {
             warm: VecDeque::new(),
             in_use,
             creating: BTreeSet::new(),
+            deleting: BTreeSet::new(),
             refilling: false,
             leases,
             last_error: None,
@@ -224,6 +232,9 @@ impl Actor for TapPool {
             }
             TapsMsg::Down(reply) => {
                 let _ = reply.send(down(state).await);
+            }
+            TapsMsg::Deleted { tap } => {
+                state.deleting.remove(&tap);
             }
             TapsMsg::Refilled { created, failed } => {
                 for tap in created {
@@ -284,6 +295,12 @@ async fn reconcile(state: &mut TapsState) -> Result<(), ErrorData> {
         }
         let on_bridge = link.master.as_deref() == Some(net.bridge.as_str());
         if state.in_use.contains_key(&link.name) {
+            if !on_bridge || !link.up {
+                host.reattach_tap(&link.name, &net.bridge)
+                    .await
+                    .map_err(net_err("re-attaching a TAP"))?;
+                info!(tap = %link.name, "handed-out TAP put back on the bridge");
+            }
             adopted += 1;
         } else if on_bridge && link.up && (state.warm.len() as u32) < state.settings.pool_size {
             state.warm.push_back(link.name.clone());
@@ -327,10 +344,8 @@ async fn reconcile(state: &mut TapsState) -> Result<(), ErrorData> {
 
 /// Starts a refill task when the pool is below target.
 fn refill(myself: &ActorRef<TapsMsg>, state: &mut TapsState) {
-    let missing = state
-        .settings
-        .pool_size
-        .saturating_sub(state.warm.len() as u32);
+    let pooled = (state.warm.len() + state.creating.len()) as u32;
+    let missing = state.settings.pool_size.saturating_sub(pooled);
     if state.refilling || missing == 0 {
         return;
     }
@@ -374,6 +389,13 @@ async fn acquire(
 ) {
     if !state.settings.enabled {
         let _ = reply.send(Err(disabled()));
+        return;
+    }
+    if owner.is_empty() {
+        let _ = reply.send(Err(ErrorData::new(
+            ErrorKind::InvalidRequest,
+            "a TAP needs an owner",
+        )));
         return;
     }
     if state.host.is_none() {
@@ -463,16 +485,21 @@ async fn release(
     let Some(host) = state.host.clone() else {
         return Ok(());
     };
-    if (state.warm.len() as u32) < state.settings.pool_size
-        && host.link_exists(tap).await.unwrap_or(false)
-    {
+    // TAPs a refill is creating count towards the target already.
+    let pooled = state.warm.len() + state.creating.len();
+    if (pooled as u32) < state.settings.pool_size && host.link_exists(tap).await.unwrap_or(false) {
         state.warm.push_back(tap.to_string());
     } else {
+        // The name stays reserved until the TAP is gone, so a cold acquire
+        // cannot pick it while it still exists.
         let tap = tap.to_string();
+        state.deleting.insert(tap.clone());
+        let me = myself.clone();
         tokio::spawn(async move {
             if let Err(e) = host.delete_tap(&tap).await {
                 warn!(%tap, error = %e, "deleting a released TAP failed");
             }
+            let _ = me.cast(TapsMsg::Deleted { tap });
         });
     }
     refill(myself, state);
@@ -622,16 +649,28 @@ async fn down(state: &mut TapsState) -> Result<(), ErrorData> {
 
 /// The nft table as `nft` shows it, for `network status` (blocking).
 pub fn nat_status(table: &str, uplink: Option<String>) -> NatStatus {
-    let absent = |uplink| NatStatus { table: table.to_string(), present: false, uplink, rules: Vec::new() };
+    let absent = |uplink| NatStatus {
+        table: table.to_string(),
+        present: false,
+        uplink,
+        rules: Vec::new(),
+    };
     if !matches!(NatRules::exists(table), Ok(true)) {
         return absent(uplink);
     }
-    let out = std::process::Command::new("nft").args(["list", "table", "ip", table]).output();
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "ip", table])
+        .output();
     let rules = match out {
         Ok(o) if o.status.success() => rule_lines(&String::from_utf8_lossy(&o.stdout)),
         _ => Vec::new(),
     };
-    NatStatus { table: table.to_string(), present: true, uplink, rules }
+    NatStatus {
+        table: table.to_string(),
+        present: true,
+        uplink,
+        rules,
+    }
 }
 
 /// The rule lines of `nft list table` output, prefixed with their chain.
@@ -641,7 +680,11 @@ fn rule_lines(text: &str) -> Vec<String> {
     for line in text.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("chain ") {
             chain = name.trim_end_matches(" {").to_string();
-        } else if !line.is_empty() && !line.starts_with("type ") && !line.starts_with("table ") && line != "}" {
+        } else if !line.is_empty()
+            && !line.starts_with("type ")
+            && !line.starts_with("table ")
+            && line != "}"
+        {
             rules.push(format!("{chain}: {line}"));
         }
     }
@@ -657,7 +700,10 @@ mod tests {
         let text = "table ip banger {\n\tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tip saddr 172.30.0.0/24 masquerade\n\t}\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"banger0\" accept\n\t}\n}\n";
         assert_eq!(
             rule_lines(text),
-            vec!["postrouting: ip saddr 172.30.0.0/24 masquerade".to_string(), "forward: iifname \"banger0\" accept".to_string()]
+            vec![
+                "postrouting: ip saddr 172.30.0.0/24 masquerade".to_string(),
+                "forward: iifname \"banger0\" accept".to_string()
+            ]
         );
     }
 }
