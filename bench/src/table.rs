@@ -9,17 +9,21 @@ use crate::stats::Summary;
 pub const MIB: u64 = 1 << 20;
 
 /// What a row measured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Timing(Summary),
     Bytes(u64),
+    /// A ratio of two medians, shown in the median column.
+    Ratio(f64),
 }
 
 /// The bound a row must meet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Target {
     MedianAtMost(Duration),
     BytesAtMost(u64),
+    RatioAtLeast(f64),
+    RatioAtMost(f64),
 }
 
 impl Target {
@@ -27,6 +31,8 @@ impl Target {
         match self {
             Target::MedianAtMost(d) => format!("median <= {}", fmt_duration(d)),
             Target::BytesAtMost(b) => format!("<= {}", fmt_bytes(b)),
+            Target::RatioAtLeast(r) => format!(">= {}", fmt_ratio(r)),
+            Target::RatioAtMost(r) => format!("<= {}", fmt_ratio(r)),
         }
     }
 
@@ -35,13 +41,15 @@ impl Target {
         match (self, value) {
             (Target::MedianAtMost(max), Value::Timing(s)) => Some(s.median <= max),
             (Target::BytesAtMost(max), Value::Bytes(b)) => Some(*b <= max),
+            (Target::RatioAtLeast(min), Value::Ratio(r)) => Some(*r >= min),
+            (Target::RatioAtMost(max), Value::Ratio(r)) => Some(*r <= max),
             _ => None,
         }
     }
 }
 
 /// One line of the table. A row without a target is shown for comparison.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub what: String,
     pub value: Value,
@@ -64,9 +72,18 @@ impl Row {
 }
 
 const HEADER: [&str; 7] = ["what", "min", "median", "p99", "max", "target", "result"];
+const P99: usize = 3;
+
+/// Which columns a table shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    WithP99,
+    /// For a handful of runs, where p99 is just the max.
+    WithoutP99,
+}
 
 /// Renders rows as an aligned table with a header line.
-pub fn render(rows: &[Row]) -> String {
+pub fn render(rows: &[Row], columns: Columns) -> String {
     let lines: Vec<[String; 7]> = rows.iter().map(cells).collect();
     let mut widths = HEADER.map(str::len);
     for line in &lines {
@@ -79,6 +96,9 @@ pub fn render(rows: &[Row]) -> String {
     for line in std::iter::once(&header).chain(&lines) {
         let mut text = String::new();
         for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
+            if i == P99 && columns == Columns::WithoutP99 {
+                continue;
+            }
             // Text columns align left, numbers right.
             let _ = match i {
                 0 | 5 | 6 => write!(text, "{cell:<w$}  "),
@@ -100,6 +120,7 @@ fn cells(row: &Row) -> [String; 7] {
             fmt_duration(s.max),
         ),
         Value::Bytes(b) => (String::new(), fmt_bytes(*b), String::new(), String::new()),
+        Value::Ratio(r) => (String::new(), fmt_ratio(*r), String::new(), String::new()),
     };
     let target = row
         .target
@@ -120,13 +141,19 @@ pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_secs_f64() * 1000.0;
     if ms < 10.0 {
         format!("{ms:.2} ms")
-    } else {
+    } else if ms < 1000.0 {
         format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1000.0)
     }
 }
 
 pub fn fmt_bytes(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / MIB as f64)
+}
+
+pub fn fmt_ratio(r: f64) -> String {
+    format!("{r:.2}x")
 }
 
 #[cfg(test)]
@@ -162,6 +189,21 @@ mod tests {
         assert_eq!(row(timing(1), None).result(), "-");
         // A target of the wrong kind is not a verdict.
         assert_eq!(row(Value::Bytes(1), Some(ten_ms)).result(), "-");
+        let faster = Target::RatioAtLeast(1.5);
+        assert_eq!(row(Value::Ratio(1.5), Some(faster)).result(), "PASS");
+        assert_eq!(row(Value::Ratio(1.49), Some(faster)).result(), "MISS");
+        let slower = Target::RatioAtMost(1.2);
+        assert_eq!(row(Value::Ratio(1.2), Some(slower)).result(), "PASS");
+        assert_eq!(row(Value::Ratio(1.21), Some(slower)).result(), "MISS");
+        assert_eq!(row(timing(1), Some(slower)).result(), "-");
+    }
+
+    #[test]
+    fn durations_switch_units() {
+        assert_eq!(fmt_duration(Duration::from_micros(2_440)), "2.44 ms");
+        assert_eq!(fmt_duration(Duration::from_micros(123_450)), "123.5 ms");
+        assert_eq!(fmt_duration(Duration::from_millis(4_321)), "4.32 s");
+        assert_eq!(fmt_ratio(1.5), "1.50x");
     }
 
     #[test]
@@ -185,7 +227,7 @@ mod tests {
                 target: None,
             },
         ];
-        let text = render(&rows);
+        let text = render(&rows, Columns::WithP99);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("what"));
@@ -202,5 +244,12 @@ mod tests {
         let end = |l: &str, s: &str| l.find(s).map(|i| i + s.len());
         assert_eq!(end(lines[0], "median"), end(lines[1], "1.23 ms"));
         assert_eq!(end(lines[0], "median"), end(lines[2], "12.0 MiB"));
+
+        let text = render(&rows, Columns::WithoutP99);
+        assert!(!text.contains("p99") && !text.contains("2.00 ms"), "{text}");
+        assert!(
+            text.lines().nth(1).is_some_and(|l| l.contains("3.00 ms")),
+            "{text}"
+        );
     }
 }
