@@ -14,8 +14,8 @@ use tokio::process::Command;
 
 use super::catalog::ImageCatalog;
 use super::pull::{ensure_name_free, ext4_error, human_bytes};
-use super::{inject, ImageSettings, ImagesMsg, StagedImage, PUBLISH_PATIENCE, ROOTFS, WORK_SEED};
-use crate::ask::{ask, ask_patiently};
+use super::{inject, ImageSettings, ROOTFS, WORK_SEED};
+use crate::ask::ask;
 use crate::kernels::import::{import_kernel, KernelSource};
 use crate::kernels::KernelsMsg;
 use crate::layout::{new_id, Layout, StagingDir};
@@ -311,16 +311,7 @@ pub async fn build(
     ext4::build_from_dir(&tree, &rootfs, size, "rootfs")
         .await
         .map_err(|e| ext4_error(&e))?;
-    let root_dir = tree.join("root");
-    let seed_bytes = crate::fsutil::tree_bytes(&root_dir);
-    ext4::build_from_dir(
-        &root_dir,
-        &staging.path().join(WORK_SEED),
-        inject::work_seed_size(seed_bytes),
-        inject::WORK_LABEL,
-    )
-    .await
-    .map_err(|e| ext4_error(&e))?;
+    super::build_work_seed(&tree, staging.path()).await?;
     let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tree)).await;
     rctx.progress(
         "build",
@@ -355,21 +346,7 @@ pub async fn build(
         has_sshd: injected.facts.has_sshd,
         runtime: ImageRuntimeConfig::default(),
     };
-    let staged = StagedImage {
-        staging: Some(staging.path().to_path_buf()),
-        info,
-    };
-    let info = ask_patiently(
-        names::IMAGES,
-        |reply| ImagesMsg::Publish {
-            staged: staged.clone(),
-            reply,
-        },
-        timeout,
-        PUBLISH_PATIENCE,
-    )
-    .await??;
-    staging.keep();
+    let info = super::publish_staged(staging, info, false, timeout).await?;
     rctx.progress("publish", format!("image {name} ready"), None)
         .await;
     Ok(info)

@@ -195,6 +195,54 @@ fn absolutise(dir: &Path, rel: &str) -> String {
     dir.join(rel).display().to_string()
 }
 
+/// The last step of a pull, build, registration or promotion: hands the
+/// staged image to the registry's publication window (waiting out a
+/// restart of the registry) and, once published, disarms the staging
+/// guard. `replace` swaps an existing record (promotion).
+pub async fn publish_staged(
+    staging: crate::layout::StagingDir,
+    info: ImageInfo,
+    replace: bool,
+    timeout: Duration,
+) -> Result<ImageInfo, ErrorData> {
+    let staged = StagedImage {
+        staging: Some(staging.path().to_path_buf()),
+        info,
+    };
+    let info = crate::ask::ask_patiently(
+        crate::names::IMAGES,
+        |reply| {
+            let staged = staged.clone();
+            if replace {
+                ImagesMsg::Replace { staged, reply }
+            } else {
+                ImagesMsg::Publish { staged, reply }
+            }
+        },
+        timeout,
+        PUBLISH_PATIENCE,
+    )
+    .await??;
+    staging.keep();
+    Ok(info)
+}
+
+/// Builds the work seed `<staging>/work-seed.ext4` from `<tree>/root`.
+pub async fn build_work_seed(tree: &Path, staging: &Path) -> Result<PathBuf, ErrorData> {
+    let root_dir = tree.join("root");
+    let seed = staging.join(WORK_SEED);
+    let bytes = crate::fsutil::tree_bytes(&root_dir);
+    banger_image::ext4::build_from_dir(
+        &root_dir,
+        &seed,
+        inject::work_seed_size(bytes),
+        inject::WORK_LABEL,
+    )
+    .await
+    .map_err(|e| pull::ext4_error(&e))?;
+    Ok(seed)
+}
+
 /// The publication window: name check, atomic rename, durable record.
 async fn publish(
     state: &mut ImagesState,

@@ -13,8 +13,8 @@ use banger_image::unpack::{Limits, Unpacker};
 use banger_protocol::{ErrorData, ErrorKind, ImageInfo, ImagePullRequest, ImageRuntimeConfig};
 use tokio::sync::mpsc;
 
-use super::{inject, ImageSettings, ImagesMsg, StagedImage, PUBLISH_PATIENCE, ROOTFS, WORK_SEED};
-use crate::ask::{ask, ask_patiently, lookup, offload};
+use super::{inject, ImageSettings, ImagesMsg, ROOTFS, WORK_SEED};
+use crate::ask::{ask, lookup, offload};
 use crate::layout::{new_id, Layout, StagingDir};
 use crate::names;
 use crate::records::validate_name;
@@ -267,17 +267,7 @@ pub async fn pull(
     let stats = ext4::build_rootfs(&tree, &rootfs, req.size)
         .await
         .map_err(|e| ext4_error(&e))?;
-    let seed = staging.path().join(WORK_SEED);
-    let root_dir = tree.root.join("root");
-    let seed_bytes = crate::fsutil::tree_bytes(&root_dir);
-    ext4::build_from_dir(
-        &root_dir,
-        &seed,
-        inject::work_seed_size(seed_bytes),
-        inject::WORK_LABEL,
-    )
-    .await
-    .map_err(|e| ext4_error(&e))?;
+    super::build_work_seed(&tree.root, staging.path()).await?;
     let tree_root = tree.root.clone();
     let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tree_root)).await;
     rctx.progress(
@@ -316,22 +306,7 @@ pub async fn pull(
             user: config.user.clone().unwrap_or_default(),
         },
     };
-    let staged = StagedImage {
-        staging: Some(staging.path().to_path_buf()),
-        info,
-    };
-    let timeout = rctx.ctx.request_timeout;
-    let info = ask_patiently(
-        names::IMAGES,
-        |reply| ImagesMsg::Publish {
-            staged: staged.clone(),
-            reply,
-        },
-        timeout,
-        PUBLISH_PATIENCE,
-    )
-    .await??;
-    staging.keep();
+    let info = super::publish_staged(staging, info, false, rctx.ctx.request_timeout).await?;
     rctx.progress("publish", format!("image {name} ready"), None)
         .await;
     Ok(info)

@@ -4,15 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use banger_image::ext4;
 use banger_protocol::{
     ErrorData, ErrorKind, ImageInfo, ImageRegisterRequest, ImageRuntimeConfig, KernelSelector,
 };
 use tokio::process::Command;
 
-use super::pull::{ensure_name_free, ext4_error};
-use super::{inject, ImageSettings, ImagesMsg, StagedImage, PUBLISH_PATIENCE, ROOTFS, WORK_SEED};
-use crate::ask::{ask, ask_patiently};
+use super::pull::ensure_name_free;
+use super::{inject, ImageSettings, ImagesMsg, ROOTFS, WORK_SEED};
+use crate::ask::ask;
 use crate::kernels::catalog::ensure_kernel;
 use crate::kernels::import::{import_kernel, KernelSource};
 use crate::layout::{new_id, Layout, StagingDir};
@@ -103,16 +102,7 @@ async fn work_seed_from_ext4(
     tokio::task::spawn_blocking(move || inject::inject_keys_only(&tree2, &key))
         .await
         .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
-    let seed = staging.join(WORK_SEED);
-    let bytes = crate::fsutil::tree_bytes(&tree.join("root"));
-    ext4::build_from_dir(
-        &tree.join("root"),
-        &seed,
-        inject::work_seed_size(bytes),
-        inject::WORK_LABEL,
-    )
-    .await
-    .map_err(|e| ext4_error(&e))?;
+    let seed = super::build_work_seed(&tree, staging).await?;
     let _ = std::fs::remove_dir_all(&tree);
     let _ = std::fs::remove_dir_all(&dump);
     Ok(seed)
@@ -189,21 +179,7 @@ pub async fn register(
         has_sshd: true,
         runtime: ImageRuntimeConfig::default(),
     };
-    let staged = StagedImage {
-        staging: Some(staging.path().to_path_buf()),
-        info,
-    };
-    let info = ask_patiently(
-        names::IMAGES,
-        |reply| ImagesMsg::Publish {
-            staged: staged.clone(),
-            reply,
-        },
-        rctx.ctx.request_timeout,
-        PUBLISH_PATIENCE,
-    )
-    .await??;
-    staging.keep();
+    let info = super::publish_staged(staging, info, false, rctx.ctx.request_timeout).await?;
     Ok(info)
 }
 
@@ -265,21 +241,7 @@ pub async fn promote(
     info.source = format!("{} (promoted)", image.source);
     info.rootfs_path = ROOTFS.to_string();
     info.work_seed_path = image.work_seed_path.as_ref().map(|_| WORK_SEED.to_string());
-    let staged = StagedImage {
-        staging: Some(staging.path().to_path_buf()),
-        info,
-    };
-    let info = ask_patiently(
-        names::IMAGES,
-        |reply| ImagesMsg::Replace {
-            staged: staged.clone(),
-            reply,
-        },
-        timeout,
-        PUBLISH_PATIENCE,
-    )
-    .await??;
-    staging.keep();
+    let info = super::publish_staged(staging, info, true, timeout).await?;
     // The old record's managed side files (its work seed) are no longer referenced.
     let _ = std::fs::remove_dir_all(layout.images_dir().join(&image.id));
     Ok(info)
