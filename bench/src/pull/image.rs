@@ -538,12 +538,22 @@ impl Planner {
     /// about the same size, as a package upgrade does.
     fn overwrite(&mut self, entries: &mut Vec<Entry>, base: &[Placed]) -> u64 {
         let mut bytes = 0;
+        let mut replaced = 0;
         for f in base.iter().filter(|f| !f.linked) {
             if self.rng.chance(0.01) {
                 bytes += self.file(entries, &f.path, f.size, f.content);
-                self.stats.overwrites += 1;
+                replaced += 1;
             }
         }
+        // A small image may draw none: replace at least one file, so every
+        // image exercises an overwrite.
+        if replaced == 0 {
+            if let Some(f) = base.iter().find(|f| !f.linked) {
+                bytes += self.file(entries, &f.path, f.size, f.content);
+                replaced = 1;
+            }
+        }
+        self.stats.overwrites += replaced;
         bytes
     }
 
