@@ -19,7 +19,9 @@ pub enum KernelError {
     WrongElfArch,
     #[error("bzImage header is truncated or inconsistent: {0}")]
     BadHeader(&'static str),
-    #[error("bzImage boot protocol {major}.{minor:02} is too old to locate its payload (need 2.08)")]
+    #[error(
+        "bzImage boot protocol {major}.{minor:02} is too old to locate its payload (need 2.08)"
+    )]
     OldProtocol { major: u8, minor: u8 },
     #[error("bzImage payload is compressed with {0}, which banger cannot decompress")]
     UnsupportedCompression(&'static str),
@@ -63,11 +65,13 @@ pub struct KernelProbe {
 const ELF_MAGIC: &[u8] = b"\x7fELF";
 
 fn u16_at(d: &[u8], off: usize) -> Option<u16> {
-    d.get(off..off + 2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    d.get(off..off + 2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
 }
 
 fn u32_at(d: &[u8], off: usize) -> Option<u32> {
-    d.get(off..off + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    d.get(off..off + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn is_bzimage(d: &[u8]) -> bool {
@@ -127,17 +131,28 @@ fn elf_version(data: &[u8]) -> Option<String> {
 fn bzimage_payload(data: &[u8]) -> Result<&[u8], KernelError> {
     let protocol = u16_at(data, 0x206).ok_or(KernelError::BadHeader("no protocol version"))?;
     if protocol < 0x0208 {
-        return Err(KernelError::OldProtocol { major: (protocol >> 8) as u8, minor: protocol as u8 });
+        return Err(KernelError::OldProtocol {
+            major: (protocol >> 8) as u8,
+            minor: protocol as u8,
+        });
     }
-    let setup_sects = match *data.get(0x1f1).ok_or(KernelError::BadHeader("no setup_sects"))? {
+    let setup_sects = match *data
+        .get(0x1f1)
+        .ok_or(KernelError::BadHeader("no setup_sects"))?
+    {
         0 => 4,
         n => n as usize,
     };
     let offset = u32_at(data, 0x248).ok_or(KernelError::BadHeader("no payload_offset"))? as usize;
     let length = u32_at(data, 0x24c).ok_or(KernelError::BadHeader("no payload_length"))? as usize;
     let start = (setup_sects + 1) * 512 + offset;
-    data.get(start..start.checked_add(length).ok_or(KernelError::BadHeader("payload overflows"))?)
-        .ok_or(KernelError::BadHeader("payload lies outside the file"))
+    data.get(
+        start
+            ..start
+                .checked_add(length)
+                .ok_or(KernelError::BadHeader("payload overflows"))?,
+    )
+    .ok_or(KernelError::BadHeader("payload lies outside the file"))
 }
 
 fn compression_of(payload: &[u8]) -> &'static str {
@@ -183,7 +198,9 @@ pub fn extract_elf(data: &[u8]) -> Result<Vec<u8>, KernelError> {
             let mut decoder = zstd::stream::read::Decoder::new(payload)
                 .map_err(|source| KernelError::Decompress { codec, source })?
                 .single_frame();
-            decoder.read_to_end(&mut out).map_err(|source| KernelError::Decompress { codec, source })?;
+            decoder
+                .read_to_end(&mut out)
+                .map_err(|source| KernelError::Decompress { codec, source })?;
             out
         }
         "lz4" => lz4_legacy(payload).map_err(|source| KernelError::Decompress { codec, source })?,
@@ -216,7 +233,8 @@ fn lz4_legacy(payload: &[u8]) -> std::io::Result<Vec<u8>> {
             // The trailing uncompressed-size word, not a block.
             break;
         };
-        let decoded = lz4_flex::block::decompress(block, BLOCK_MAX).map_err(|e| bad(&e.to_string()))?;
+        let decoded =
+            lz4_flex::block::decompress(block, BLOCK_MAX).map_err(|e| bad(&e.to_string()))?;
         out.extend_from_slice(&decoded);
         pos += size;
     }
@@ -233,7 +251,10 @@ fn lz4_legacy(payload: &[u8]) -> std::io::Result<Vec<u8>> {
 /// `.ko` files), so it is a heuristic, conservative in what it accepts.
 pub fn firecracker_compatible(elf: &[u8]) -> bool {
     let has = |needle: &[u8]| elf.windows(needle.len()).any(|w| w == needle);
-    elf.starts_with(ELF_MAGIC) && has(b"virtio-mmio") && has(b"virtio_mmio.device") && has(b"EXT4-fs")
+    elf.starts_with(ELF_MAGIC)
+        && has(b"virtio-mmio")
+        && has(b"virtio_mmio.device")
+        && has(b"EXT4-fs")
 }
 
 #[cfg(test)]
@@ -294,7 +315,10 @@ mod tests {
 
     #[test]
     fn garbage_is_unknown_format() {
-        assert!(matches!(probe(&[0u8; 4096]), Err(KernelError::UnknownFormat)));
+        assert!(matches!(
+            probe(&[0u8; 4096]),
+            Err(KernelError::UnknownFormat)
+        ));
         assert!(matches!(probe(b"short"), Err(KernelError::UnknownFormat)));
     }
 
@@ -360,19 +384,30 @@ mod tests {
     /// Debian's cloud kernel): a real lz4 bzImage whose ELF must come out.
     #[test]
     fn real_debian_kernel_extracts() {
-        let boot = std::fs::read_dir("/boot").expect("/boot exists (apt-get install linux-image-cloud-amd64)");
+        let boot = std::fs::read_dir("/boot")
+            .expect("/boot exists (apt-get install linux-image-cloud-amd64)");
         let vmlinuz = boot
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
             .expect("a /boot/vmlinuz-* (apt-get install linux-image-cloud-amd64)");
         let data = std::fs::read(&vmlinuz).expect("read kernel");
         let p = probe(&data).expect("probe");
         assert_eq!(p.format, KernelFormat::BzImage);
-        let name = vmlinuz.file_name().expect("name").to_string_lossy().to_string();
+        let name = vmlinuz
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
         assert_eq!(p.version.as_deref(), name.strip_prefix("vmlinuz-"));
         let elf = extract_elf(&data).expect("extract ELF");
-        assert!(elf.len() > data.len(), "ELF should be larger than the compressed image");
+        assert!(
+            elf.len() > data.len(),
+            "ELF should be larger than the compressed image"
+        );
         assert_eq!(elf_version(&elf), p.version);
         // Debian builds virtio as modules: not a Firecracker kernel.
         assert!(!firecracker_compatible(&elf));
