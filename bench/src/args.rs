@@ -82,10 +82,6 @@ pub struct PullArgs {
     /// Seed of the generated image; the same seed and size give the same image.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Seconds to wait (after a sync) before each timed pull or unpack
-    /// [default: 65 on ext4 without a journal, else 0].
-    #[arg(long)]
-    pub settle: Option<u64>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -138,24 +134,14 @@ mod tests {
     fn pull_has_its_own_defaults() {
         match parse(&["pull"]) {
             Command::Pull(a) => {
-                assert_eq!((a.runs, a.image_mb, a.seed, a.settle), (3, 256, 1, None));
+                assert_eq!((a.runs, a.image_mb, a.seed), (3, 256, 1));
                 assert!(!a.common.fail_on_miss && a.common.bin_dir.is_none());
             }
             other => panic!("{other:?}"),
         }
-        match parse(&[
-            "pull",
-            "--image-mb",
-            "64",
-            "--runs",
-            "1",
-            "--bin-dir",
-            "/x",
-            "--settle",
-            "0",
-        ]) {
+        match parse(&["pull", "--image-mb", "64", "--runs", "1", "--bin-dir", "/x"]) {
             Command::Pull(a) => {
-                assert_eq!((a.runs, a.image_mb, a.settle), (1, 64, Some(0)));
+                assert_eq!((a.runs, a.image_mb), (1, 64));
                 assert_eq!(
                     a.common.bin_dir.as_deref(),
                     Some(std::path::Path::new("/x"))

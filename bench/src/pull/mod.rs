@@ -12,16 +12,15 @@
 //!
 //! Runs alternate (banger, peer, banger, ...) so a change in the machine's
 //! load affects both sides, and `sync` runs before each timed run so no run
-//! pays for the previous one's dirty pages. On ext4 without a journal, each
-//! timed pull or unpack also waits out the kernel's reuse delay for freed
-//! inodes first (see [`settle`]). Everything (daemons, registry,
+//! pays for the previous one's dirty pages. On ext4 without a journal the
+//! timings are erratic (see [`hostfs`]): the report says so. Everything (daemons, registry,
 //! temporary directories, tool processes) is removed at the end, on error
 //! and on Ctrl-C, by its owner's `Drop`.
 
 mod banger;
+mod hostfs;
 mod image;
 mod peer;
-mod settle;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,7 +63,8 @@ pub struct Report {
     tools: Vec<String>,
     /// `/proc/loadavg` before and after the timed runs.
     load: [String; 2],
-    settle: Settle,
+    /// Why the timings may not be trusted.
+    warning: Option<&'static str>,
     pub rows: Vec<Row>,
     stopped: Stopped,
 }
@@ -79,7 +79,7 @@ struct Measured {
     daemon_version: String,
     tools: Vec<String>,
     load: [String; 2],
-    settle: Settle,
+    warning: Option<&'static str>,
     rows: Vec<Row>,
     stopped: Stopped,
 }
@@ -101,54 +101,10 @@ pub fn run(args: &PullArgs) -> anyhow::Result<Report> {
         daemon_version: m.daemon_version,
         tools: m.tools,
         load: m.load,
-        settle: m.settle,
+        warning: m.warning,
         rows: m.rows,
         stopped: m.stopped,
     })
-}
-
-/// The wait before each timed pull or unpack, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Settle {
-    wait: Duration,
-    /// Chosen because the temporary directory is on ext4 without a journal.
-    no_journal: bool,
-}
-
-impl Settle {
-    fn choose(flag: Option<u64>) -> Settle {
-        let no_journal = settle::ext4_without_journal(&std::env::temp_dir());
-        let wait = match (flag, no_journal) {
-            (Some(secs), _) => Duration::from_secs(secs),
-            (None, true) => settle::NO_JOURNAL,
-            (None, false) => Duration::ZERO,
-        };
-        Settle { wait, no_journal }
-    }
-
-    /// Syncs, then waits.
-    async fn before_run(&self) {
-        sync().await;
-        tokio::time::sleep(self.wait).await;
-    }
-}
-
-impl std::fmt::Display for Settle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "sync + {} s before each timed pull or unpack",
-            self.wait.as_secs()
-        )?;
-        if self.no_journal {
-            write!(
-                f,
-                " (the temp dir is on ext4 without a journal: inodes freed in the \
-                 last 60 s make creating files slow)"
-            )?;
-        }
-        Ok(())
-    }
 }
 
 /// Sets its flag when dropped: stops the image build when the benchmark
@@ -211,9 +167,10 @@ async fn measure(args: PullArgs) -> anyhow::Result<Measured> {
         .tempdir()
         .context("cannot create a temporary directory")?;
 
-    let settle = Settle::choose(args.settle);
-    if !settle.wait.is_zero() {
-        note(format!("{settle}"));
+    let warning =
+        hostfs::ext4_without_journal(&std::env::temp_dir()).then_some(hostfs::NO_JOURNAL_WARNING);
+    if let Some(warning) = warning {
+        note(format!("warning: {warning}"));
     }
     let load_before = load_average();
     // Cold: a fresh daemon for each banger pull, fresh directories for each
@@ -228,14 +185,14 @@ async fn measure(args: PullArgs) -> anyhow::Result<Measured> {
         let fresh = BenchDaemon::start()?;
         let (socket, pid) = (fresh.harness()?.socket(), fresh.pid());
         daemon = Some(fresh);
-        settle.before_run().await;
+        sync().await;
         let pulled = banger::pull(&socket, pid, &reference, "bench-cold").await?;
         let size = samples.cold.first().unwrap_or(&pulled).image.rootfs_bytes;
 
         let dir = work.path().join(format!("peer-{i}"));
         tokio::fs::create_dir(&dir).await?;
         let dirs = RunDirs::under(&dir);
-        settle.before_run().await;
+        sync().await;
         let cpu_before = cpu::of_self()?;
         let steps = peer::pipeline(&reference, &dirs, size).await?;
         let peer_cpu = cpu::of_self()?.since(&cpu_before).children;
@@ -268,7 +225,7 @@ async fn measure(args: PullArgs) -> anyhow::Result<Measured> {
     let out = work.path().join("alone.ext4");
     for i in 0..runs {
         let name = format!("bench-warm-{i}");
-        settle.before_run().await;
+        sync().await;
         let pulled = banger::pull(&socket, pid, &reference, &name).await?;
         banger::delete(&socket, &name).await?;
         remove(&out).await?;
@@ -304,7 +261,7 @@ async fn measure(args: PullArgs) -> anyhow::Result<Measured> {
         daemon_version,
         tools,
         load: [load_before, load_after],
-        settle,
+        warning,
         stopped,
     })
 }
@@ -412,8 +369,7 @@ pub fn render(report: &Report) -> String {
          rootfs size {:.0} MiB (banger's default, used for mkfs.ext4 too)\n\
          bangerd {}: a fresh daemon for each cold pull, warm pulls on the last one\n\
          peers: {}\n\
-         {}\n\
-         load average (1, 5, 15 min): {} before the timed runs, {} after\n\n{}\nlast bangerd {}\n",
+         load average (1, 5, 15 min): {} before the timed runs, {} after\n{}\n{}\nlast bangerd {}\n",
         report.runs,
         report.bin_dir.display(),
         report.reference,
@@ -432,9 +388,12 @@ pub fn render(report: &Report) -> String {
         mib(report.rootfs_bytes),
         report.daemon_version,
         report.tools.join("; "),
-        report.settle,
         report.load[0],
         report.load[1],
+        report
+            .warning
+            .map(|w| format!("warning: {w}\n"))
+            .unwrap_or_default(),
         table::render(&report.rows, Columns::WithoutP99),
         report.stopped,
     )

@@ -1,20 +1,23 @@
-//! How long to wait before each timed run that creates a tree of files.
+//! A check of the filesystem the benchmark works on.
 //!
 //! On ext4 without a journal, the kernel will not reuse an inode freed less
-//! than 60 s ago (`recently_deleted()` in `fs/ext4/ialloc.c`; 360 s while
-//! the inode table block is dirty), and every new inode scans past all such
-//! inodes of its block group again. After the benchmark (or banger itself)
-//! has deleted a tree of thousands of files, creating the next tree nearby
-//! becomes quadratic: unpacking slows down by several times, by an amount
-//! that depends on where the allocator lands. On such a filesystem the
-//! benchmark syncs and then waits [`NO_JOURNAL`] before each timed pull or
-//! unpack, so each run starts with no "recently deleted" inodes.
+//! than 60 s ago, or 360 s while its inode table block is dirty, which it
+//! is as soon as files are being created next to it (`recently_deleted()`
+//! in `fs/ext4/ialloc.c`), and every new inode scans past all such inodes
+//! of its block group again. After a tree of thousands of files was deleted
+//! (by the benchmark, by banger at the end of each pull, by anything else on
+//! the machine), creating the next tree nearby becomes quadratic: unpacking
+//! slows down several times, by an amount that depends on where the
+//! allocator lands and grows from one run to the next. The benchmark warns
+//! when its temporary directory is on such a filesystem.
 
 use std::path::Path;
-use std::time::Duration;
 
-/// Past ext4's 60 s window, once the inode tables have been written back.
-pub const NO_JOURNAL: Duration = Duration::from_secs(65);
+/// What to tell the user when [`ext4_without_journal`] holds.
+pub const NO_JOURNAL_WARNING: &str = "the temporary directory is on ext4 without a journal, \
+where creating files soon after others were deleted is several times slower \
+(see docs/benchmarks.md); timings will vary widely: run with TMPDIR on tmpfs \
+(e.g. TMPDIR=/dev/shm) or on a journaled filesystem";
 
 /// Whether `dir` is on an ext4 filesystem mounted without a journal.
 pub fn ext4_without_journal(dir: &Path) -> bool {
