@@ -23,6 +23,7 @@
 
 mod config;
 mod error;
+pub mod frames;
 mod host;
 mod ifname;
 pub mod ipam;
