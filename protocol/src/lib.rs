@@ -12,6 +12,7 @@
 //! reorder or remove them, and bump [`PROTOCOL_VERSION`] when an old peer
 //! could misread a new message. `tests/golden.rs` pins the bytes.
 
+pub mod agent;
 pub mod client;
 mod error;
 mod frame;
