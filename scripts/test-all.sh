@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 # machine does not pay for apt.
 packages=(build-essential pkg-config e2fsprogs qemu-system-x86 nftables iproute2 procps
   docker-registry skopeo umoci apache2-utils busybox-static mmdebstrap linux-image-cloud-amd64
-  coreutils)
+  coreutils qemu-utils iputils-ping bind9-dnsutils openssh-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,4 +29,8 @@ fi
 cargo --version
 # Binaries first: the integration tests run the real bangerd and banger.
 cargo build --workspace --bins --locked
+# The guest agent goes into images as a static binary; bangerd finds it in
+# target/x86_64-unknown-linux-gnu/<profile>/ (see docs/vms.md).
+RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build -p banger-agent --locked --target x86_64-unknown-linux-gnu
 cargo test --workspace --locked --no-fail-fast -- --test-threads=4

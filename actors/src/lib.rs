@@ -26,6 +26,7 @@ pub mod records;
 pub mod router;
 pub mod store;
 pub mod supervisor;
+pub mod vms;
 
 /// Registered actor names.
 pub mod names {
@@ -37,6 +38,7 @@ pub mod names {
     pub const IMAGES: &str = "images";
     pub const TAPS: &str = "taps";
     pub const DNS: &str = "dns";
+    pub const VMS: &str = "vms";
 }
 
 /// Milliseconds since the Unix epoch, for timestamps that travel.

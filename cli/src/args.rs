@@ -44,6 +44,9 @@ pub enum Command {
     /// Inspect and manage the host network: bridge, TAP pool, NAT, address leases.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Create, run and manage VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Manage the `<name>.vm` DNS records bangerd serves.
     #[command(subcommand)]
     Dns(DnsCommand),
@@ -191,6 +194,148 @@ pub enum KernelCommand {
     Delete(NameArgs),
     /// List the kernels `kernel pull` can download.
     Catalog(JsonFlag),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Create and boot a VM (progress until it is up; --detach returns at once).
+    Create(VmCreateCmd),
+    /// Create a VM, wait until it is up and open a shell in it (or run CMD).
+    Run(VmRunArgs),
+    /// Boot a stopped VM.
+    Start(VmNameJson),
+    /// Power a VM off (--force kills it at once).
+    Stop(VmStopArgs),
+    /// Stop and start a VM.
+    Restart(VmNameJson),
+    /// Delete a VM: its disks, address, TAP and DNS record.
+    #[command(alias = "rm")]
+    Delete(VmStopArgs),
+    /// List the VMs.
+    #[command(alias = "ls")]
+    List(JsonFlag),
+    /// Show one VM.
+    Show(VmNameJson),
+    /// Follow the operation a VM is going through (e.g. a detached create).
+    Watch(VmNameJson),
+    /// Print a VM's serial console log.
+    Logs(VmLogsArgs),
+    /// Open an SSH session to a VM (extra arguments go to ssh).
+    Ssh(VmSshArgs),
+    /// Run a command in a VM through the guest agent.
+    Exec(VmExecArgs),
+    /// List the ports listening inside a VM.
+    Ports(VmNameJson),
+    /// Ask the guest agent how the VM is doing.
+    Health(VmNameJson),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct VmCreateArgs {
+    /// The VM's name (a DNS label); default: a generated one.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Image name or catalog entry; default: the catalog default (debian-bookworm).
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Memory, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Size of the work disk (/root), e.g. 8G.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub disk: Option<u64>,
+    /// A static guest address (must be free and in the guest subnet).
+    #[arg(long, value_name = "A.B.C.D", value_parser = parse_ipv4)]
+    pub ip: Option<Ipv4Addr>,
+    /// auto, qemu or firecracker.
+    #[arg(long, value_name = "VMM", value_parser = ["auto", "qemu", "firecracker"])]
+    pub vmm: Option<String>,
+    /// What happens when the VMM dies: no, on-failure (default) or always.
+    #[arg(long, value_name = "POLICY", value_parser = ["no", "on-failure", "always"])]
+    pub restart: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmCreateCmd {
+    #[command(flatten)]
+    pub create: VmCreateArgs,
+    /// Return once the VM is reserved; follow the boot with `vm watch`.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmRunArgs {
+    #[command(flatten)]
+    pub create: VmCreateArgs,
+    /// Delete the VM when the shell or command exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Command to run instead of a shell; its exit code is banger's.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmNameJson {
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmStopArgs {
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// Kill the VMM at once instead of a clean power-off.
+    #[arg(long, short)]
+    pub force: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmLogsArgs {
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// Keep printing new output.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only the last N lines.
+    #[arg(long, short = 'n', value_name = "N")]
+    pub lines: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmSshArgs {
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// Arguments for ssh (after --), e.g. a command.
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmExecArgs {
+    #[arg(value_name = "NAME", value_parser = non_empty)]
+    pub name: String,
+    /// Run on a pseudo-terminal (default: when stdin is a terminal).
+    #[arg(long, short)]
+    pub tty: bool,
+    /// Never allocate a pseudo-terminal.
+    #[arg(long, short = 'T', conflicts_with = "tty")]
+    pub no_tty: bool,
+    /// The command (after --).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -108,6 +108,8 @@ pub async fn request(client: &mut Client, request: Request) -> Result<Response, 
 pub enum StreamItem {
     Progress(Progress),
     Event(Event),
+    /// Output bytes (a followed log).
+    Output(banger_protocol::OutputStream, Vec<u8>),
     /// The user pressed Ctrl-C and the daemon was asked to cancel; its
     /// final reply is being awaited (progress shown so far may go away).
     Cancelling,
@@ -208,10 +210,19 @@ fn route(
         ServerMessage::Reply { id: rid, result } if rid == id => {
             result.map(Some).map_err(CliError::from)
         }
+        ServerMessage::Output {
+            id: oid,
+            stream,
+            data,
+        } if oid == id => {
+            on_item(StreamItem::Output(stream, data))?;
+            Ok(None)
+        }
         ServerMessage::Error(err) => Err(err.into()),
         ServerMessage::Hello(_) => Err(ClientError::Unexpected("a second handshake".into()).into()),
         ServerMessage::Progress { .. }
         | ServerMessage::Event { .. }
+        | ServerMessage::Output { .. }
         | ServerMessage::Reply { .. } => Ok(None),
     }
 }

@@ -114,7 +114,7 @@ async fn events(args: EventsArgs) -> Result<Exit, CliError> {
         StreamItem::Event(event) if json => print_json_line(&event_json(&event)),
         StreamItem::Event(event) => outln!("{}", event_line(&event)),
         // Subscriptions do not report progress; nothing to show.
-        StreamItem::Progress(_) | StreamItem::Cancelling => Ok(()),
+        StreamItem::Progress(_) | StreamItem::Output(..) | StreamItem::Cancelling => Ok(()),
     })
     .await?;
     match end {
@@ -233,7 +233,7 @@ async fn progress(args: ProgressArgs) -> Result<Exit, CliError> {
             elapsed_ms: p.elapsed_ms,
         }),
         StreamItem::Progress(p) => outln!("{}", progress_line(&p)),
-        StreamItem::Event(_) | StreamItem::Cancelling => Ok(()),
+        StreamItem::Event(_) | StreamItem::Output(..) | StreamItem::Cancelling => Ok(()),
     })
     .await?;
     match end {

@@ -20,6 +20,8 @@ pub enum Exit {
     Usage,
     /// 130: the user interrupted the operation with Ctrl-C.
     Interrupted,
+    /// The exit code of a command run in a VM (`vm run -- CMD`, `vm exec`).
+    Code(u8),
 }
 
 impl Exit {
@@ -29,6 +31,7 @@ impl Exit {
             Exit::Failed => 1,
             Exit::Usage => 2,
             Exit::Interrupted => 130,
+            Exit::Code(c) => c,
         }
     }
 }

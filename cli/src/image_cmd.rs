@@ -546,6 +546,8 @@ mod tests {
                 working_dir: String::new(),
                 user: String::new(),
             },
+            has_systemd: !managed,
+            has_agent: managed,
         }
     }
 

@@ -18,6 +18,7 @@ mod output;
 mod progress;
 mod values;
 mod version_cmd;
+mod vm_cmd;
 
 use std::process::ExitCode;
 
@@ -71,6 +72,7 @@ async fn run(command: Command) -> Result<Exit, CliError> {
         Command::Image(cmd) => image_cmd::run(cmd).await,
         Command::Kernel(cmd) => kernel_cmd::run(cmd).await,
         Command::Network(cmd) => network_cmd::run(cmd).await,
+        Command::Vm(cmd) => vm_cmd::run(cmd).await,
         Command::Dns(cmd) => dns_cmd::run(cmd).await,
         Command::Completion(args) => completion(args.shell),
     }

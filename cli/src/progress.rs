@@ -52,7 +52,7 @@ pub async fn run(request: Request, json: bool) -> Result<Option<Response>, CliEr
             view.cancelling();
             Ok(())
         }
-        StreamItem::Event(_) => Ok(()),
+        StreamItem::Event(_) | StreamItem::Output(..) => Ok(()),
     })
     .await;
     view.finish(matches!(

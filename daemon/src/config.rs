@@ -45,6 +45,67 @@ pub struct Config {
     pub images: ImagesConfig,
     pub network: NetworkConfig,
     pub dns: DnsConfig,
+    pub vm: VmConfig,
+}
+
+/// VMs: backends and defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// `auto` (Firecracker when its binary exists, KVM works and the
+    /// kernel suits it; QEMU otherwise), `qemu` or `firecracker`.
+    pub vmm: String,
+    /// QEMU acceleration: `auto` (KVM when a probe shows it runs guests,
+    /// TCG otherwise), `kvm` or `tcg`.
+    pub accel: String,
+    pub qemu_binary: String,
+    pub firecracker_binary: String,
+    /// Image `vm create` uses without `--image` (empty: the catalog default).
+    pub default_image: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Size of each VM's work disk (`/root`).
+    pub disk_bytes: u64,
+    /// How long a start waits for the guest agent and sshd.
+    pub boot_timeout_secs: u64,
+    /// How long a clean stop waits for the guest to power off before the
+    /// VMM is killed.
+    pub stop_timeout_secs: u64,
+    /// A VM that crashes more than this many times within the window is
+    /// left `failed`.
+    pub restart_max: u32,
+    pub restart_window_secs: u64,
+    pub restart_backoff_initial_ms: u64,
+    pub restart_backoff_max_ms: u64,
+    /// The guest agent binary injected into images. Empty: next to
+    /// bangerd (`banger-agent`), else in the static build's target dir.
+    pub agent_path: String,
+    /// Resolver guests use. Empty: the host's first non-loopback
+    /// nameserver from /etc/resolv.conf, if any.
+    pub guest_dns: String,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            vmm: "auto".into(),
+            accel: "auto".into(),
+            qemu_binary: "qemu-system-x86_64".into(),
+            firecracker_binary: "firecracker".into(),
+            default_image: String::new(),
+            cpus: 2,
+            memory_mib: 1024,
+            disk_bytes: 4 << 30,
+            boot_timeout_secs: 300,
+            stop_timeout_secs: 30,
+            restart_max: 5,
+            restart_window_secs: 300,
+            restart_backoff_initial_ms: 1000,
+            restart_backoff_max_ms: 30_000,
+            agent_path: String::new(),
+            guest_dns: String::new(),
+        }
+    }
 }
 
 /// Host networking: the bridge, the TAP pool, NAT.
@@ -195,6 +256,7 @@ impl Default for Config {
             images: ImagesConfig::default(),
             network: NetworkConfig::default(),
             dns: DnsConfig::default(),
+            vm: VmConfig::default(),
         }
     }
 }

@@ -6,6 +6,7 @@ mod config;
 mod doctor;
 mod instance;
 mod logging;
+mod vm_setup;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use banger_actors::events::{self, Events, EventsArgs};
-use banger_actors::images::{ImageRegistry, ImageSettings, ImagesArgs, NoVms};
+use banger_actors::images::{ImageRegistry, ImageSettings, ImagesArgs};
 use banger_actors::kernels::{KernelRegistry, KernelsArgs};
 use banger_actors::layout::Layout;
 use banger_actors::names;
@@ -28,6 +29,7 @@ use banger_actors::store::{Store, StoreArgs};
 use banger_actors::supervisor::{
     ChildSpec, RestartPolicy, Supervisor, SupervisorArgs, SupervisorMsg,
 };
+use banger_actors::vms::{ImageUse, VmImageUsers, VmManager, VmsArgs};
 use banger_protocol::paths::Paths;
 use banger_protocol::{ConfigDump, DoctorReport, EventKind, BANGER_VERSION};
 use clap::Parser;
@@ -77,12 +79,28 @@ fn main() -> ExitCode {
 struct DaemonHost {
     exe: PathBuf,
     state_dir: PathBuf,
+    /// The KVM probe's verdict, worked out once.
+    kvm: Arc<tokio::sync::OnceCell<(bool, String)>>,
 }
 
 impl HostServices for DaemonHost {
     fn doctor(&self) -> Pin<Box<dyn Future<Output = DoctorReport> + Send>> {
         let opts = doctor::DoctorOptions::new(self.exe.clone(), self.state_dir.clone());
         Box::pin(async move { doctor::run_checks(&opts).await })
+    }
+
+    fn kvm_usable(&self) -> Pin<Box<dyn Future<Output = (bool, String)> + Send>> {
+        let (cell, exe) = (self.kvm.clone(), self.exe.clone());
+        Box::pin(async move {
+            cell.get_or_init(|| async move {
+                let outcome = doctor::probe_kvm(&exe, doctor::DEFAULT_KVM_PROBE_TIMEOUT).await;
+                let verdict = vm_setup::accel_verdict(&outcome);
+                info!(kvm = verdict.0, reason = %verdict.1, "KVM probe for VMs");
+                verdict
+            })
+            .await
+            .clone()
+        })
     }
 }
 
@@ -114,6 +132,9 @@ async fn run() -> anyhow::Result<ExitCode> {
         "bangerd starting"
     );
 
+    let agent_path = vm_setup::agent_path(&config.vm.agent_path);
+    let vm_settings = vm_setup::settings(&config, &paths, agent_path.clone())?;
+    let (image_use_tx, image_use_rx) = tokio::sync::watch::channel(ImageUse::new());
     let ctx = Arc::new(RouterContext {
         info: DaemonInfo {
             pid: std::process::id(),
@@ -136,6 +157,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         host: Arc::new(DaemonHost {
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("bangerd")),
             state_dir: paths.state_dir.clone(),
+            kvm: Arc::new(tokio::sync::OnceCell::new()),
         }),
         open_connections: AtomicU64::new(0),
         total_connections: AtomicU64::new(0),
@@ -145,7 +167,9 @@ async fn run() -> anyhow::Result<ExitCode> {
             kernel_catalog: Some(PathBuf::from(&config.images.kernel_catalog))
                 .filter(|p| !p.as_os_str().is_empty()),
             config_dir: paths.config_dir.clone(),
+            agent_path: agent_path.clone(),
         },
+        vms: vm_settings.clone(),
     });
     let layout = Layout::new(&paths.state_dir);
     let leftovers = layout.reconcile();
@@ -206,7 +230,7 @@ async fn run() -> anyhow::Result<ExitCode> {
             ImagesArgs {
                 layout,
                 store_timeout: config.request_timeout(),
-                users: Arc::new(NoVms),
+                users: Arc::new(VmImageUsers(image_use_rx)),
             },
         ),
         ChildSpec::new(
@@ -223,6 +247,16 @@ async fn run() -> anyhow::Result<ExitCode> {
             DnsArgs {
                 settings: dns,
                 store_timeout: config.request_timeout(),
+            },
+        ),
+        ChildSpec::new(
+            names::VMS,
+            VmManager,
+            VmsArgs {
+                settings: vm_settings,
+                store_timeout: config.request_timeout(),
+                image_use: Arc::new(image_use_tx),
+                daemon_started_unix_ms: banger_actors::unix_ms(),
             },
         ),
         ChildSpec::new(

@@ -86,17 +86,38 @@ pub enum AgentToHost {
         /// True when the agent runs as the guest's init.
         pid1: bool,
     },
-    Health { id: u64, health: GuestHealth },
-    Ports { id: u64, ports: Vec<ListeningPort> },
+    Health {
+        id: u64,
+        health: GuestHealth,
+    },
+    Ports {
+        id: u64,
+        ports: Vec<ListeningPort>,
+    },
     /// The process of request `id` started.
-    Started { id: u64, pid: u32 },
-    Output { id: u64, stream: OutputStream, data: Vec<u8> },
+    Started {
+        id: u64,
+        pid: u32,
+    },
+    Output {
+        id: u64,
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
     /// The process of request `id` ended; its output has all been sent.
-    Exited { id: u64, status: ExitStatus },
+    Exited {
+        id: u64,
+        status: ExitStatus,
+    },
     /// Request `id` failed (e.g. the program does not exist).
-    Failed { id: u64, message: String },
+    Failed {
+        id: u64,
+        message: String,
+    },
     /// Request `id` was accepted and has no other answer.
-    Done { id: u64 },
+    Done {
+        id: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -284,7 +305,8 @@ mod tests {
         let mut wire = BytesMut::new();
         // A torn frame from an old session, then two real ones.
         wire.put_slice(&[7, 1, 2, 3, 0]);
-        host.encode(HostToAgent::Health { id: 9 }, &mut wire).unwrap();
+        host.encode(HostToAgent::Health { id: 9 }, &mut wire)
+            .unwrap();
         host.encode(
             HostToAgent::Stdin {
                 id: 1,
@@ -316,7 +338,8 @@ mod tests {
         assert_eq!(guest.decode(&mut wire).unwrap(), None);
         wire.put_slice(&[5, 5, 0]);
         let mut host = HostCodec::default();
-        host.encode(HostToAgent::Ports { id: 2 }, &mut wire).unwrap();
+        host.encode(HostToAgent::Ports { id: 2 }, &mut wire)
+            .unwrap();
         assert_eq!(
             guest.decode(&mut wire).unwrap(),
             Some(HostToAgent::Ports { id: 2 })

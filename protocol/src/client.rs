@@ -9,7 +9,7 @@ use tokio::net::UnixStream;
 
 use crate::{
     codec, decode, encode, ClientMessage, ErrorData, ErrorKind, Event, FrameError, Framed, Hello,
-    Progress, Request, Response, ServerHello, ServerMessage,
+    OutputStream, Progress, Request, Response, ServerHello, ServerMessage,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,12 @@ impl Client {
         self.framed.send(payload).await.map_err(ClientError::Io)
     }
 
+    /// Sends stdin bytes, end of stdin or a terminal resize for request `id`.
+    pub async fn send_message(&mut self, msg: ClientMessage) -> Result<(), ClientError> {
+        let payload = encode(&msg).map_err(ClientError::Frame)?;
+        self.framed.send(payload).await.map_err(ClientError::Io)
+    }
+
     /// Reads the next frame from the daemon.
     pub async fn next_message(&mut self) -> Result<ServerMessage, ClientError> {
         read_message(&mut self.framed).await
@@ -130,10 +136,27 @@ impl Client {
         on_progress: &mut (dyn FnMut(Progress) + Send),
         on_event: &mut (dyn FnMut(Event) + Send),
     ) -> Result<Response, ClientError> {
+        self.wait_reply_with_output(id, on_progress, on_event, &mut |_, _| {})
+            .await
+    }
+
+    /// [`Client::wait_reply`], also routing `Output` frames to `on_output`.
+    pub async fn wait_reply_with_output(
+        &mut self,
+        id: u64,
+        on_progress: &mut (dyn FnMut(Progress) + Send),
+        on_event: &mut (dyn FnMut(Event) + Send),
+        on_output: &mut (dyn FnMut(OutputStream, Vec<u8>) + Send),
+    ) -> Result<Response, ClientError> {
         loop {
             match self.next_message().await? {
                 ServerMessage::Progress { id: pid, progress } if pid == id => on_progress(progress),
                 ServerMessage::Event { id: eid, event } if eid == id => on_event(event),
+                ServerMessage::Output {
+                    id: oid,
+                    stream,
+                    data,
+                } if oid == id => on_output(stream, data),
                 ServerMessage::Reply { id: rid, result } if rid == id => {
                     return result.map_err(ClientError::Daemon)
                 }
@@ -141,6 +164,7 @@ impl Client {
                 // Frames for other (earlier, abandoned) requests are skipped.
                 ServerMessage::Progress { .. }
                 | ServerMessage::Event { .. }
+                | ServerMessage::Output { .. }
                 | ServerMessage::Reply { .. } => {}
                 ServerMessage::Hello(_) => {
                     return Err(ClientError::Unexpected("a second handshake".into()))

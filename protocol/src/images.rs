@@ -93,6 +93,10 @@ pub struct ImageInfo {
     pub has_init: bool,
     pub has_sshd: bool,
     pub runtime: ImageRuntimeConfig,
+    /// The image runs systemd (else banger's agent is its init).
+    pub has_systemd: bool,
+    /// banger's guest agent is installed in it.
+    pub has_agent: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

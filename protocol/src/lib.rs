@@ -20,6 +20,7 @@ pub mod images;
 mod messages;
 pub mod network;
 pub mod paths;
+pub mod vms;
 
 pub use error::{ErrorData, ErrorKind};
 pub use frame::{
@@ -29,6 +30,7 @@ pub use frame::{
 pub use images::*;
 pub use messages::*;
 pub use network::*;
+pub use vms::*;
 
 /// Version of the wire format. A daemon refuses a client with another one.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -40,4 +42,11 @@ pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
 pub const BANGER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Features this build understands; exchanged in the handshake so a peer can adapt.
-pub const FEATURES: &[&str] = &["progress-stream", "events", "cancel", "debug-actors"];
+pub const FEATURES: &[&str] = &[
+    "progress-stream",
+    "events",
+    "cancel",
+    "debug-actors",
+    "vm",
+    "exec-io",
+];

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::images::*;
 use crate::network::*;
+use crate::vms::*;
 use crate::ErrorData;
 
 /// The first frame a client sends. Its layout must never change: a daemon of
@@ -52,6 +53,20 @@ pub enum ClientMessage {
     Cancel {
         id: u64,
     },
+    /// Bytes for the stdin of request `id` (an exec).
+    Input {
+        id: u64,
+        data: Vec<u8>,
+    },
+    /// End of stdin for request `id`.
+    InputClose {
+        id: u64,
+    },
+    /// The client's terminal changed size (an exec on a TTY).
+    Resize {
+        id: u64,
+        size: TtySize,
+    },
 }
 
 /// Frames from the daemon to a client.
@@ -75,6 +90,12 @@ pub enum ServerMessage {
     /// An error about the connection itself rather than one request: a
     /// refused handshake, a malformed or oversized frame.
     Error(ErrorData),
+    /// Output of request `id`: a process's stdout/stderr, or log lines.
+    Output {
+        id: u64,
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
 }
 
 /// One operation per variant.
@@ -170,6 +191,49 @@ pub enum Request {
     TapRelease {
         tap: String,
     },
+    /// Creates and boots a VM (streams progress until it is up, or returns
+    /// at once with `detach`).
+    VmCreate(VmCreateRequest),
+    /// Follows the progress of a VM's current operation until it ends.
+    VmWatch {
+        name: String,
+    },
+    VmStart {
+        name: String,
+    },
+    VmStop {
+        name: String,
+        /// Kill at once instead of asking the guest to power off.
+        force: bool,
+    },
+    VmRestart {
+        name: String,
+    },
+    VmDelete {
+        name: String,
+        /// Delete a running VM (it is stopped first).
+        force: bool,
+    },
+    VmList,
+    VmShow {
+        name: String,
+    },
+    /// The console log: the last `lines` lines, then (with `follow`) new
+    /// output as it comes, as `Output` frames.
+    VmLogs {
+        name: String,
+        lines: Option<u32>,
+        follow: bool,
+    },
+    /// Runs a command through the guest agent: `Output` frames, then the
+    /// exit status as the reply.
+    VmExec(VmExecRequest),
+    VmPorts {
+        name: String,
+    },
+    VmHealth {
+        name: String,
+    },
 }
 
 impl Request {
@@ -210,6 +274,18 @@ impl Request {
             Request::DnsSetup => "dns_setup",
             Request::TapAcquire { .. } => "tap_acquire",
             Request::TapRelease { .. } => "tap_release",
+            Request::VmCreate(_) => "vm_create",
+            Request::VmWatch { .. } => "vm_watch",
+            Request::VmStart { .. } => "vm_start",
+            Request::VmStop { .. } => "vm_stop",
+            Request::VmRestart { .. } => "vm_restart",
+            Request::VmDelete { .. } => "vm_delete",
+            Request::VmList => "vm_list",
+            Request::VmShow { .. } => "vm_show",
+            Request::VmLogs { .. } => "vm_logs",
+            Request::VmExec(_) => "vm_exec",
+            Request::VmPorts { .. } => "vm_ports",
+            Request::VmHealth { .. } => "vm_health",
         }
     }
 }
@@ -250,6 +326,12 @@ pub enum Response {
         /// False when the pool was empty and the TAP was created on demand.
         from_pool: bool,
     },
+    Vm(VmInfo),
+    Vms(Vec<VmInfo>),
+    /// How an exec ended.
+    Exited(ExitStatus),
+    Ports(Vec<ListeningPort>),
+    Health(GuestHealth),
 }
 
 /// A step of a long operation.

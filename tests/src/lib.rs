@@ -468,6 +468,44 @@ impl Drop for TestDaemon {
             let _ = child.wait();
         }
         self.kill_foreign_daemon();
+        // VMMs run detached from bangerd (they outlive it on purpose): kill
+        // every process whose command line mentions this daemon's dirs.
+        for pid in self.processes_mentioning_root() {
+            // SAFETY: plain kill(2).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl TestDaemon {
+    /// Live processes (other than this one) whose command line mentions
+    /// this daemon's temporary root: its bangerd and its VMMs.
+    pub fn processes_mentioning_root(&self) -> Vec<u32> {
+        let root = self.dir.path().display().to_string();
+        let me = std::process::id();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmd.contains(&root) {
+                out.push(pid);
+            }
+        }
+        out
     }
 }
 

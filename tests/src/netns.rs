@@ -138,6 +138,38 @@ impl NetNs {
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
+    /// Makes `target` (e.g. a registry on the host's loopback) reachable
+    /// from inside this namespace: a listener on the namespace's
+    /// 127.0.0.1 whose connections are relayed to `target` from the host
+    /// namespace. Returns the address to use inside. The relay threads end
+    /// with the test process.
+    pub fn forward_to_host(&self, target: std::net::SocketAddr) -> std::net::SocketAddr {
+        let listener =
+            self.run_in(|| std::net::TcpListener::bind("127.0.0.1:0").expect("bind in netns"));
+        let addr = listener.local_addr().expect("local addr");
+        std::thread::spawn(move || {
+            for inbound in listener.incoming().flatten() {
+                let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let (mut a, mut b) = (
+                    inbound.try_clone().expect("clone"),
+                    outbound.try_clone().expect("clone"),
+                );
+                let (mut c, mut d) = (inbound, outbound);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d, &mut c);
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        addr
+    }
+
     /// Attaches to the existing TAP `tap` in this namespace the way a VMM
     /// does (`TUNSETIFF` on `/dev/net/tun` with `IFF_TAP | IFF_NO_PI`, no
     /// vnet header, so frames are plain Ethernet), non-blocking. The

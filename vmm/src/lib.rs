@@ -196,8 +196,11 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     /// Re-attaches to a VMM started earlier for `spec` (after a daemon or
     /// supervisor restart). Fails with [`VmmError::NotAdoptable`] when the
     /// process is gone or is some other process that reused the pid.
-    async fn adopt(&self, spec: &MachineSpec, pid: ProcessId)
-        -> Result<Arc<dyn VmmHandle>, VmmError>;
+    async fn adopt(
+        &self,
+        spec: &MachineSpec,
+        pid: ProcessId,
+    ) -> Result<Arc<dyn VmmHandle>, VmmError>;
 }
 
 /// A running VMM process.

@@ -55,15 +55,21 @@ impl Exit {
 /// Reads the start time of `pid`, or `None` when there is no such process
 /// (or it is a zombie that has already exited).
 pub fn start_ticks(pid: u32) -> Option<u64> {
+    let (state, ticks) = stat_state_and_start(pid)?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    Some(ticks)
+}
+
+/// The state letter and start time of `pid`, zombies included.
+fn stat_state_and_start(pid: u32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may contain spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state).
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
+    Some((fields.first()?.to_string(), fields.get(19)?.parse().ok()?))
 }
 
 impl ProcessId {
@@ -167,9 +173,11 @@ pub fn spawn_detached(mut cmd: Command, output: &Path) -> Result<ProcessId, VmmE
     let pid = child.id();
     // The std Child is dropped without waiting: we reap through the pidfd.
     drop(child);
-    // The start time is readable as soon as the process exists.
-    match ProcessId::of(pid) {
-        Some(id) => Ok(id),
+    // The start time is readable as soon as the process exists. It is our
+    // unreaped child, so even if it has already exited (a zombie) the pid
+    // is still its own: `wait_exit` then reports its real status.
+    match stat_state_and_start(pid) {
+        Some((_, start_ticks)) => Ok(ProcessId { pid, start_ticks }),
         None => {
             reap(pid);
             Err(VmmError::EarlyExit {
@@ -193,19 +201,36 @@ pub fn tail_of(path: &Path, max: usize) -> String {
 
 /// Reaps `pid` if it is our exited child; returns its status when it was.
 fn reap(pid: u32) -> Option<Exit> {
+    match try_reap(pid) {
+        Reap::Exited(exit) => Some(exit),
+        Reap::NotYet | Reap::NotOurs => None,
+    }
+}
+
+enum Reap {
+    Exited(Exit),
+    /// Our child, not (fully) exited yet.
+    NotYet,
+    /// Not our child (or already reaped).
+    NotOurs,
+}
+
+fn try_reap(pid: u32) -> Reap {
     let mut status = 0;
     // SAFETY: waitpid on a specific pid with WNOHANG.
     let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
     if r == pid as i32 {
-        if libc::WIFEXITED(status) {
-            Some(Exit::Code(libc::WEXITSTATUS(status)))
+        Reap::Exited(if libc::WIFEXITED(status) {
+            Exit::Code(libc::WEXITSTATUS(status))
         } else if libc::WIFSIGNALED(status) {
-            Some(Exit::Signal(libc::WTERMSIG(status)))
+            Exit::Signal(libc::WTERMSIG(status))
         } else {
-            Some(Exit::Unknown)
-        }
+            Exit::Unknown
+        })
+    } else if r == 0 {
+        Reap::NotYet
     } else {
-        None
+        Reap::NotOurs
     }
 }
 
@@ -220,34 +245,41 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// Waits until `id` has exited (reaping it when it is our child).
+///
+/// A multi-threaded process (QEMU, Firecracker) shows as a zombie as soon
+/// as its main thread exits, but can be reaped only once all its threads
+/// are gone; the pidfd becomes readable at that point. So the wait is on
+/// the pidfd whenever the pid is still this process, zombie or not.
 pub async fn wait_exit(id: ProcessId) -> Exit {
-    if !id.is_alive() {
-        return reap(id.pid).unwrap_or(Exit::Unknown);
-    }
-    match pidfd_open(id.pid).and_then(AsyncFd::new) {
-        Ok(fd) => {
-            // Re-check after opening: the pid may have been reused in between.
-            if id.is_alive() {
-                let _ = fd.readable().await;
+    let is_this = || stat_state_and_start(id.pid).is_some_and(|(_, t)| t == id.start_ticks);
+    if is_this() {
+        match pidfd_open(id.pid).and_then(AsyncFd::new) {
+            Ok(fd) => {
+                // Re-check after opening: the pid may have been reused in between.
+                if is_this() {
+                    let _ = fd.readable().await;
+                }
+                let _ = fd.as_raw_fd();
             }
-            let _ = fd.as_raw_fd();
-        }
-        Err(_) => {
-            // No pidfd (very old kernel): poll.
-            while id.is_alive() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(_) => {
+                // No pidfd (very old kernel): poll.
+                while id.is_alive() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
-    // The pidfd is readable once the process is a zombie; reap it if ours.
-    for _ in 0..50 {
-        if let Some(exit) = reap(id.pid) {
-            return exit;
-        }
-        if start_ticks(id.pid) != Some(id.start_ticks) {
+    // Reap it if ours. `NotYet` lasts only while its threads finish exiting.
+    for _ in 0..500 {
+        if !is_this() {
+            // Gone: reaped by its parent (it was not our child).
             return Exit::Unknown;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        match try_reap(id.pid) {
+            Reap::Exited(exit) => return exit,
+            Reap::NotOurs => return Exit::Unknown,
+            Reap::NotYet => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
     }
     Exit::Unknown
 }

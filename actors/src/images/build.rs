@@ -282,10 +282,12 @@ pub async fn build(
     .await;
     let key = inject::ensure_ssh_key(&settings.config_dir)?;
     let metadata = serde_json::json!({"name": name, "source": "build", "suite": suite, "packages": packages, "kernel": kernel.name});
-    let (t, n) = (tree.clone(), name.clone());
-    let injected = tokio::task::spawn_blocking(move || inject::inject(&t, &n, &key, &metadata))
-        .await
-        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+    let (t, n, agent) = (tree.clone(), name.clone(), settings.agent_path.clone());
+    let injected = tokio::task::spawn_blocking(move || {
+        inject::inject(&t, &n, &key, &metadata, agent.as_deref())
+    })
+    .await
+    .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
     rctx.progress(
         "inject",
         format!(
@@ -344,6 +346,8 @@ pub async fn build(
         platform: Some("linux/amd64".into()),
         has_init: injected.facts.has_init,
         has_sshd: injected.facts.has_sshd,
+        has_systemd: injected.facts.has_systemd,
+        has_agent: injected.agent,
         runtime: ImageRuntimeConfig::default(),
     };
     let info = super::publish_staged(staging, info, false, timeout).await?;

@@ -237,6 +237,78 @@ fn enable_unit(root: &Dir, unit: &str, target: &str) -> Result<(), ErrorData> {
 #[derive(Debug, Clone)]
 pub struct Injected {
     pub facts: TreeFacts,
+    /// The guest agent was installed.
+    pub agent: bool,
+}
+
+/// Path of the agent inside images (also its `init=` when the image has
+/// no systemd).
+pub const AGENT_PATH: &str = "usr/local/bin/banger-agent";
+
+/// The systemd unit that runs the agent. It starts early (no default
+/// dependencies) so that health answers while the rest of the system
+/// boots.
+pub const AGENT_UNIT: &str = "[Unit]
+Description=banger guest agent
+DefaultDependencies=no
+After=systemd-remount-fs.service
+Before=sysinit.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+ExecStart=/usr/local/bin/banger-agent
+Restart=always
+RestartSec=1
+KillMode=process
+
+[Install]
+WantedBy=sysinit.target
+";
+
+/// The work disk on `/root` (systemd images; the agent mounts it itself
+/// when it is init).
+pub const WORK_FSTAB: &str =
+    "LABEL=banger-work /root ext4 defaults,nofail,x-systemd.device-timeout=10s 0 2\n";
+
+fn install_agent(root: &Dir, agent: &Path, facts: &TreeFacts) -> Result<(), ErrorData> {
+    let bytes = std::fs::read(agent).map_err(internal(format!(
+        "reading the guest agent {}",
+        agent.display()
+    )))?;
+    ensure_dir(root, "usr/local/bin", 0o755)?;
+    write_file(root, AGENT_PATH, &bytes, 0o755)?;
+    chown_root(root, AGENT_PATH)?;
+    if facts.has_systemd {
+        ensure_dir(root, "etc/systemd/system/sysinit.target.wants", 0o755)?;
+        write_file(
+            root,
+            "etc/systemd/system/banger-agent.service",
+            AGENT_UNIT.as_bytes(),
+            0o644,
+        )?;
+        let link = "etc/systemd/system/sysinit.target.wants/banger-agent.service";
+        if root.symlink_metadata(link).is_err() {
+            root.symlink("../banger-agent.service", link)
+                .map_err(internal("enabling banger-agent.service"))?;
+        }
+    }
+    Ok(())
+}
+
+fn add_work_mount(root: &Dir) -> Result<(), ErrorData> {
+    let existing = match root.symlink_metadata("etc/fstab") {
+        Ok(m) if m.is_file() => root.read_to_string("etc/fstab").unwrap_or_default(),
+        _ => String::new(),
+    };
+    if existing.contains("LABEL=banger-work") {
+        return Ok(());
+    }
+    let mut text = existing;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(WORK_FSTAB);
+    write_file(root, "etc/fstab", text.as_bytes(), 0o644)
 }
 
 /// Injects banger's files into the unpacked tree at `tree`.
@@ -245,12 +317,21 @@ pub fn inject(
     image_name: &str,
     key: &ManagedKey,
     metadata: &serde_json::Value,
+    agent: Option<&Path>,
 ) -> Result<Injected, ErrorData> {
     let root = Dir::open_ambient_dir(tree, ambient_authority())
         .map_err(internal(format!("opening {}", tree.display())))?;
     let facts = detect(&root);
 
     install_key(&root, key)?;
+
+    // Mount points every boot needs (the initramfs moves /dev, /proc, /sys
+    // and /run onto them); minimal images such as busybox have none.
+    for dir in ["dev", "proc", "sys", "run", "tmp"] {
+        ensure_dir(&root, dir, 0o755)?;
+    }
+    root.set_permissions("tmp", Permissions::from_mode(0o1777))
+        .map_err(internal("chmod /tmp"))?;
 
     ensure_dir(&root, "etc", 0o755)?;
     write_file(
@@ -272,7 +353,16 @@ pub fn inject(
     if facts.has_sshd && facts.has_systemd {
         enable_unit(&root, "ssh.service", "multi-user.target")?;
     }
-    Ok(Injected { facts })
+    if facts.has_systemd {
+        add_work_mount(&root)?;
+    }
+    if let Some(agent) = agent {
+        install_agent(&root, agent, &facts)?;
+    }
+    Ok(Injected {
+        facts,
+        agent: agent.is_some(),
+    })
 }
 
 /// Only the SSH key part of [`inject`], for a tree holding just `/root`.
@@ -348,8 +438,14 @@ mod tests {
         let outside = tmp.path().join("outside");
         std::fs::write(&outside, b"keep").expect("write");
         std::os::unix::fs::symlink(&outside, tree.join("etc/hostname")).expect("symlink");
-        let injected =
-            inject(&tree, "img", &key, &serde_json::json!({"name": "img"})).expect("inject");
+        let injected = inject(
+            &tree,
+            "img",
+            &key,
+            &serde_json::json!({"name": "img"}),
+            None,
+        )
+        .expect("inject");
         assert!(!injected.facts.has_init);
         assert_eq!(std::fs::read(&outside).expect("outside"), b"keep");
         assert_eq!(
@@ -368,14 +464,15 @@ mod tests {
             0o700
         );
         // Injecting twice does not duplicate the key.
-        inject(&tree, "img", &key, &serde_json::json!({})).expect("again");
+        inject(&tree, "img", &key, &serde_json::json!({}), None).expect("again");
         let keys = std::fs::read_to_string(tree.join("root/.ssh/authorized_keys")).expect("keys");
         assert_eq!(keys.matches(key.public.trim()).count(), 1);
 
         let evil = tmp.path().join("evil");
         std::fs::create_dir_all(&evil).expect("mkdir");
         std::os::unix::fs::symlink("/", evil.join("root")).expect("symlink");
-        let err = inject(&evil, "x", &key, &serde_json::json!({})).expect_err("symlinked /root");
+        let err =
+            inject(&evil, "x", &key, &serde_json::json!({}), None).expect_err("symlinked /root");
         assert!(err.message.contains("/root"), "{}", err.message);
     }
 
@@ -395,7 +492,7 @@ mod tests {
         std::fs::write(tree.join("lib/systemd/systemd"), b"").expect("systemd");
         std::fs::create_dir_all(tree.join("usr/sbin")).expect("mkdir");
         std::fs::write(tree.join("usr/sbin/sshd"), b"").expect("sshd");
-        let injected = inject(&tree, "img", &key, &serde_json::json!({})).expect("inject");
+        let injected = inject(&tree, "img", &key, &serde_json::json!({}), None).expect("inject");
         assert!(injected.facts.has_init && injected.facts.has_sshd && injected.facts.has_networkd);
         let link = std::fs::read_link(
             tree.join("etc/systemd/system/sysinit.target.wants/systemd-network-generator.service"),

@@ -43,6 +43,9 @@ pub struct ImageSettings {
     pub kernel_catalog: Option<PathBuf>,
     /// The config dir, where the managed SSH key lives.
     pub config_dir: PathBuf,
+    /// The guest agent binary injected into images (none: images get no
+    /// agent and VMs are reached by SSH only).
+    pub agent_path: Option<PathBuf>,
 }
 
 /// Tells whether VMs use an image (the VM manager answers; until it

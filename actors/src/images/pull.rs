@@ -244,8 +244,9 @@ pub async fn pull(
         "platform": resolved.platform,
     });
     let (tree_path, inject_name) = (tree.root.clone(), name.clone());
+    let agent = settings.agent_path.clone();
     let injected = tokio::task::spawn_blocking(move || {
-        inject::inject(&tree_path, &inject_name, &key, &metadata)
+        inject::inject(&tree_path, &inject_name, &key, &metadata, agent.as_deref())
     })
     .await
     .map_err(|e| ErrorData::new(ErrorKind::Internal, format!("injection task failed: {e}")))??;
@@ -298,6 +299,8 @@ pub async fn pull(
         platform: resolved.platform.clone(),
         has_init: injected.facts.has_init,
         has_sshd: injected.facts.has_sshd,
+        has_systemd: injected.facts.has_systemd,
+        has_agent: injected.agent,
         runtime: ImageRuntimeConfig {
             entrypoint: config.entrypoint.clone().unwrap_or_default(),
             cmd: config.cmd.clone().unwrap_or_default(),

@@ -178,6 +178,8 @@ pub async fn register(
         has_init: true,
         has_sshd: true,
         runtime: ImageRuntimeConfig::default(),
+        has_systemd: true,
+        has_agent: false,
     };
     let info = super::publish_staged(staging, info, false, rctx.ctx.request_timeout).await?;
     Ok(info)

@@ -24,7 +24,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::dispatch::{self, RequestCtx};
+use super::dispatch::{self, ClientInput, RequestCtx};
 use super::RouterContext;
 
 /// How long a new connection may take to say hello.
@@ -145,6 +145,19 @@ async fn handshake(
     false
 }
 
+/// Hands client input to its request; input for a request that is not
+/// (or no longer) in flight, or that reads no input, is dropped.
+async fn route_input(
+    inflight: &HashMap<u64, (CancellationToken, mpsc::Sender<ClientInput>)>,
+    id: u64,
+    input: ClientInput,
+) {
+    if let Some((_, tx)) = inflight.get(&id) {
+        // Waiting here is the backpressure on a fast stdin.
+        let _ = tx.send(input).await;
+    }
+}
+
 async fn request_loop(
     reader: &mut FramedRead<tokio::net::unix::OwnedReadHalf, banger_protocol::FrameCodec>,
     out: &mpsc::Sender<ServerMessage>,
@@ -152,7 +165,7 @@ async fn request_loop(
     peer_uid: Option<u32>,
 ) {
     let conn_cancel = CancellationToken::new();
-    let mut inflight: HashMap<u64, CancellationToken> = HashMap::new();
+    let mut inflight: HashMap<u64, (CancellationToken, mpsc::Sender<ClientInput>)> = HashMap::new();
     let mut tasks: JoinSet<u64> = JoinSet::new();
 
     loop {
@@ -193,7 +206,8 @@ async fn request_loop(
                             continue;
                         }
                         let cancel = conn_cancel.child_token();
-                        inflight.insert(id, cancel.clone());
+                        let (input_tx, input_rx) = mpsc::channel(64);
+                        inflight.insert(id, (cancel.clone(), input_tx));
                         let rctx = RequestCtx {
                             id,
                             ctx: ctx.clone(),
@@ -201,6 +215,8 @@ async fn request_loop(
                             cancel,
                             peer_uid,
                             started: Instant::now(),
+                            connection: conn_cancel.clone(),
+                            input: std::sync::Mutex::new(Some(input_rx)),
                         };
                         let span = info_span!("request", id, op = request.name());
                         tasks.spawn(async move {
@@ -209,10 +225,19 @@ async fn request_loop(
                         }.instrument(span));
                     }
                     Ok(ClientMessage::Cancel { id }) => {
-                        if let Some(token) = inflight.get(&id) {
+                        if let Some((token, _)) = inflight.get(&id) {
                             debug!(id, "request cancelled by client");
                             token.cancel();
                         }
+                    }
+                    Ok(ClientMessage::Input { id, data }) => {
+                        route_input(&inflight, id, ClientInput::Data(data)).await;
+                    }
+                    Ok(ClientMessage::InputClose { id }) => {
+                        route_input(&inflight, id, ClientInput::Close).await;
+                    }
+                    Ok(ClientMessage::Resize { id, size }) => {
+                        route_input(&inflight, id, ClientInput::Resize(size)).await;
                     }
                     Ok(ClientMessage::Hello(_)) => {
                         let err = ErrorData::new(ErrorKind::InvalidRequest, "handshake already done on this connection");

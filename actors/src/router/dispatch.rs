@@ -33,6 +33,20 @@ pub struct RequestCtx {
     pub cancel: CancellationToken,
     pub peer_uid: Option<u32>,
     pub started: Instant,
+    /// Cancelled when the client's connection ends (as opposed to an
+    /// explicit cancel of this request).
+    pub connection: CancellationToken,
+    /// Input the client streams to this request (exec stdin); taken once
+    /// by the handler that reads it.
+    pub input: std::sync::Mutex<Option<mpsc::Receiver<ClientInput>>>,
+}
+
+/// Client input for a running request.
+#[derive(Debug)]
+pub enum ClientInput {
+    Data(Vec<u8>),
+    Close,
+    Resize(banger_protocol::TtySize),
 }
 
 /// A cloneable handle for streaming progress of one request, for work
@@ -78,7 +92,17 @@ impl RequestCtx {
         self.sink().progress(stage, detail, bytes).await;
     }
 
-    fn cancelled_error(&self) -> ErrorData {
+    /// The client cancelled this request itself (not by going away).
+    pub fn cancelled_explicitly(&self) -> bool {
+        self.cancel.is_cancelled() && !self.connection.is_cancelled()
+    }
+
+    /// The input stream of this request (once).
+    pub fn take_input(&self) -> Option<mpsc::Receiver<ClientInput>> {
+        self.input.lock().ok().and_then(|mut i| i.take())
+    }
+
+    pub fn cancelled_error(&self) -> ErrorData {
         if self.ctx.shutdown.is_cancelled() {
             ErrorData::new(ErrorKind::Cancelled, "cancelled: bangerd is shutting down")
                 .with_hint("run the command again once the daemon is back")
@@ -167,6 +191,18 @@ async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, ErrorDa
         | Request::DnsSetup
         | Request::TapAcquire { .. }
         | Request::TapRelease { .. } => super::network::handle(request, rctx).await,
+        Request::VmCreate(_)
+        | Request::VmWatch { .. }
+        | Request::VmStart { .. }
+        | Request::VmStop { .. }
+        | Request::VmRestart { .. }
+        | Request::VmDelete { .. }
+        | Request::VmList
+        | Request::VmShow { .. }
+        | Request::VmLogs { .. }
+        | Request::VmExec(_)
+        | Request::VmPorts { .. }
+        | Request::VmHealth { .. } => super::vms::handle(request, rctx).await,
         Request::DebugProgress { steps, interval_ms } => {
             let interval = Duration::from_millis(interval_ms.min(60_000));
             for step in 1..=steps {

@@ -13,6 +13,7 @@ mod artifacts;
 pub mod connection;
 pub mod dispatch;
 mod network;
+mod vms;
 
 use std::future::Future;
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -33,6 +34,9 @@ use tracing::{debug, info, warn};
 /// Host-side services the daemon binary provides to request handlers.
 pub trait HostServices: Send + Sync + std::fmt::Debug {
     fn doctor(&self) -> Pin<Box<dyn Future<Output = DoctorReport> + Send>>;
+    /// Whether KVM can run stock guest kernels here (probed once, then
+    /// remembered), with the reason shown to users.
+    fn kvm_usable(&self) -> Pin<Box<dyn Future<Output = (bool, String)> + Send>>;
 }
 
 /// Facts about the running daemon, fixed at start-up.
@@ -66,6 +70,7 @@ pub struct RouterContext {
     pub open_connections: AtomicU64,
     pub total_connections: AtomicU64,
     pub images: crate::images::ImageSettings,
+    pub vms: crate::vms::record::VmSettings,
 }
 
 #[derive(Debug, Clone)]

@@ -457,6 +457,8 @@ mod tests {
                 has_init: false,
                 has_sshd: false,
                 runtime: ImageRuntimeConfig::default(),
+                has_systemd: false,
+                has_agent: false,
             },
         }
     }

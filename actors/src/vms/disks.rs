@@ -1,0 +1,279 @@
+//! Per-VM disks, made on the host before the VMM starts:
+//!
+//! - the **root disk**: a qcow2 overlay over the image's shared ext4 under
+//!   QEMU (instant, the image stays untouched), or a clone of it for
+//!   backends that need a raw file;
+//! - the **work disk** (`/root` in the guest): a clone of the image's work
+//!   seed, grown to the requested size;
+//! - the **modules disk**: the kernel's `/lib/modules/<release>` as a
+//!   read-only ext4, built once per kernel and shared, so images without
+//!   the kernel's modules (most OCI images) still get virtio drivers.
+//!
+//! Clones use a reflink (`FICLONE`) where the filesystem supports it and a
+//! sparse copy (holes preserved through `SEEK_DATA`/`SEEK_HOLE`) otherwise.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use banger_protocol::{ErrorData, ErrorKind};
+use tokio::process::Command;
+
+/// Label of the modules disk's filesystem (the agent looks for it).
+pub const MODULES_LABEL: &str = "banger-modules";
+
+/// How a file was cloned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneMethod {
+    Reflink,
+    SparseCopy,
+}
+
+impl CloneMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloneMethod::Reflink => "reflink",
+            CloneMethod::SparseCopy => "sparse copy",
+        }
+    }
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> ErrorData {
+    move |e| {
+        let kind = if e.raw_os_error() == Some(libc::ENOSPC) {
+            ErrorKind::InvalidState
+        } else {
+            ErrorKind::Internal
+        };
+        let mut err = ErrorData::from_error(kind, &e).with_cause(what);
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            err = err.with_hint(
+                "the disk holding banger's state is full: free space or delete VMs/images",
+            );
+        }
+        err
+    }
+}
+
+/// Clones `src` to `dst` (which must not exist): reflink, else sparse copy.
+pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod, ErrorData> {
+    let input = File::open(src).map_err(io_err(format!("opening {}", src.display())))?;
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(io_err(format!("creating {}", dst.display())))?;
+    // SAFETY: FICLONE takes the source fd as its argument.
+    let r = unsafe { libc::ioctl(output.as_raw_fd(), libc::FICLONE, input.as_raw_fd()) };
+    if r == 0 {
+        return Ok(CloneMethod::Reflink);
+    }
+    let result = sparse_copy(input, output);
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+        .map(|()| CloneMethod::SparseCopy)
+        .map_err(io_err(format!(
+            "copying {} to {}",
+            src.display(),
+            dst.display()
+        )))
+}
+
+fn sparse_copy(mut input: File, mut output: File) -> std::io::Result<()> {
+    let len = input.metadata()?.len();
+    output.set_len(len)?;
+    let fd = input.as_raw_fd();
+    let mut pos: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while (pos as u64) < len {
+        // SAFETY: lseek on our own fd.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        input.seek(SeekFrom::Start(data as u64))?;
+        output.seek(SeekFrom::Start(data as u64))?;
+        let mut remaining = (hole - data) as u64;
+        while remaining > 0 {
+            let n = remaining.min(buf.len() as u64) as usize;
+            input.read_exact(&mut buf[..n])?;
+            if buf[..n].iter().all(|b| *b == 0) {
+                output.seek(SeekFrom::Current(n as i64))?;
+            } else {
+                output.write_all(&buf[..n])?;
+            }
+            remaining -= n as u64;
+        }
+        pos = hole;
+    }
+    output.sync_data()?;
+    Ok(())
+}
+
+/// Grows the ext4 image at `path` to `size` bytes (never shrinks it).
+pub async fn grow_ext4(path: &Path, size: u64) -> Result<(), ErrorData> {
+    let current = std::fs::metadata(path)
+        .map_err(io_err(format!("reading {}", path.display())))?
+        .len();
+    if size <= current {
+        return Ok(());
+    }
+    File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .map_err(io_err(format!("growing {}", path.display())))?;
+    run("resize2fs", &["-p".as_ref(), path.as_os_str()]).await
+}
+
+async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), ErrorData> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| {
+            ErrorData::from_error(ErrorKind::Internal, &e)
+                .with_cause(format!("running {program}"))
+                .with_hint(format!(
+                    "install {program} (Debian: e2fsprogs / qemu-utils)"
+                ))
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ErrorData::new(
+            ErrorKind::Internal,
+            format!(
+                "{program} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ))
+    }
+}
+
+/// Whether `qemu-img` is available for copy-on-write root overlays.
+pub fn have_qemu_img() -> bool {
+    banger_vmm::process::find_binary("qemu-img").is_ok()
+}
+
+/// Creates a qcow2 overlay at `dst` whose backing file is the raw `base`.
+pub async fn qcow2_overlay(base: &Path, dst: &Path) -> Result<(), ErrorData> {
+    run(
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "raw".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            dst.as_os_str(),
+        ],
+    )
+    .await
+}
+
+/// The modules disk for a kernel whose modules tree is `modules`: built
+/// next to it on first use (under a temporary name, renamed into place, so
+/// concurrent first uses are safe).
+pub async fn modules_disk(modules: &Path) -> Result<PathBuf, ErrorData> {
+    let disk = modules.with_extension("ext4");
+    if disk.exists() {
+        return Ok(disk);
+    }
+    let tmp = modules.with_extension(format!("ext4.{}.tmp", crate::layout::new_id()));
+    let bytes = crate::fsutil::tree_bytes(modules);
+    let size = (bytes + bytes / 4 + (32 << 20)).div_ceil(1 << 20) << 20;
+    let result = banger_image::ext4::build_from_dir(modules, &tmp, size, MODULES_LABEL).await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ErrorData::new(
+            ErrorKind::Internal,
+            format!(
+                "building the modules disk from {} failed: {e}",
+                modules.display()
+            ),
+        ));
+    }
+    std::fs::rename(&tmp, &disk).map_err(io_err(format!("publishing {}", disk.display())))?;
+    Ok(disk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let mut f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(10 << 20)).unwrap();
+        f.write_all(b"hello").unwrap();
+        drop(f);
+        let dst = dir.path().join("dst");
+        let method = clone_file(&src, &dst).unwrap();
+        let a = std::fs::read(&src).unwrap();
+        let b = std::fs::read(&dst).unwrap();
+        assert_eq!(a, b);
+        if method == CloneMethod::SparseCopy {
+            use std::os::unix::fs::MetadataExt;
+            // 64 MiB apparent, only the written block allocated.
+            assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 4 << 20);
+        }
+        // The destination must be new.
+        assert!(clone_file(&src, &dst).is_err());
+    }
+
+    #[tokio::test]
+    async fn grow_resizes_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("work.ext4");
+        let st = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "banger-work"])
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        grow_ext4(&img, 64 << 20).await.unwrap();
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 64 << 20);
+        let out = std::process::Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let blocks: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Block count:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let block_size: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Block size:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(blocks * block_size, 64 << 20);
+    }
+}

@@ -1,0 +1,144 @@
+//! The progress of one VM operation (create, start, stop), kept so that
+//! any number of clients can follow it: the client that asked, and later
+//! ones (`vm watch`), which first get the backlog. A `watch` channel
+//! carries the growing log; the operation's body is its only writer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use banger_protocol::{ErrorData, ErrorKind, Progress, VmInfo};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Default)]
+pub struct OpState {
+    /// `create`, `start`, `stop`, `restart`.
+    pub op: String,
+    pub events: Vec<Progress>,
+    pub done: Option<Result<VmInfo, ErrorData>>,
+}
+
+/// The writer side; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct OpLog {
+    tx: Arc<watch::Sender<OpState>>,
+    started: Instant,
+}
+
+impl OpLog {
+    pub fn new(op: &str) -> Self {
+        let (tx, _) = watch::channel(OpState {
+            op: op.to_string(),
+            ..OpState::default()
+        });
+        Self {
+            tx: Arc::new(tx),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn op(&self) -> String {
+        self.tx.borrow().op.clone()
+    }
+
+    /// Appends one progress event.
+    pub fn progress(&self, stage: &str, detail: impl Into<String>) {
+        self.progress_bytes(stage, detail, None);
+    }
+
+    pub fn progress_bytes(
+        &self,
+        stage: &str,
+        detail: impl Into<String>,
+        bytes: Option<(u64, u64)>,
+    ) {
+        let event = Progress {
+            stage: stage.to_string(),
+            detail: detail.into(),
+            bytes_done: bytes.map(|b| b.0),
+            bytes_total: bytes.map(|b| b.1),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+        };
+        self.tx.send_modify(|s| s.events.push(event));
+    }
+
+    /// Appends an event carrying the stage's own duration.
+    pub fn stage_done(&self, stage: &str, detail: impl AsRef<str>, since: Instant) {
+        self.progress(
+            stage,
+            format!("{} ({} ms)", detail.as_ref(), since.elapsed().as_millis()),
+        );
+    }
+
+    /// Ends the operation (only the first call counts).
+    pub fn finish(&self, result: Result<VmInfo, ErrorData>) {
+        self.tx.send_if_modified(|s| {
+            if s.done.is_some() {
+                return false;
+            }
+            s.done = Some(result);
+            true
+        });
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.tx.borrow().done.is_some()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<OpState> {
+        self.tx.subscribe()
+    }
+}
+
+/// Follows an operation from its first event: hands each event to
+/// `on_progress` once, and returns its result.
+pub async fn follow(
+    mut rx: watch::Receiver<OpState>,
+    mut on_progress: impl FnMut(Progress),
+) -> Result<VmInfo, ErrorData> {
+    let mut seen = 0;
+    loop {
+        let (new, done) = {
+            let state = rx.borrow_and_update();
+            (
+                state.events[seen.min(state.events.len())..].to_vec(),
+                state.done.clone(),
+            )
+        };
+        seen += new.len();
+        for event in new {
+            on_progress(event);
+        }
+        if let Some(result) = done {
+            return result;
+        }
+        if rx.changed().await.is_err() {
+            return Err(ErrorData::new(
+                ErrorKind::Internal,
+                "the operation ended without a result (its owner stopped)",
+            )
+            .with_hint("see `banger vm show` and `banger daemon logs`"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn late_followers_get_the_backlog_and_the_result() {
+        let log = OpLog::new("create");
+        log.progress("resolve", "image x");
+        let rx = log.subscribe();
+        let writer = log.clone();
+        tokio::spawn(async move {
+            writer.progress("boot", "waiting");
+            writer.finish(Err(ErrorData::new(ErrorKind::Cancelled, "stop")));
+            writer.finish(Err(ErrorData::new(ErrorKind::Internal, "ignored")));
+        });
+        let mut stages = Vec::new();
+        let result = follow(rx, |p| stages.push(p.stage)).await;
+        assert_eq!(stages, ["resolve", "boot"]);
+        assert_eq!(result.unwrap_err().kind, ErrorKind::Cancelled);
+    }
+}
