@@ -145,9 +145,8 @@ fn print_vm(info: &VmInfo, json: bool, detached: bool) -> Result<(), CliError> {
             info.name
         );
     }
-    let mut t = Table::new(&["", ""]);
-    let mut kv = |k: &str, v: String| t.row(vec![k.to_string(), v]);
-    kv("name", info.name.clone());
+    let mut lines = vec![format!("vm {}", info.name)];
+    let mut kv = |k: &str, v: String| lines.push(format!("  {:<10} {v}", format!("{k}:")));
     kv("state", info.state.to_string());
     kv(
         "address",
@@ -193,11 +192,7 @@ fn print_vm(info: &VmInfo, json: bool, detached: bool) -> Result<(), CliError> {
     if let Some(err) = &info.last_error {
         kv("error", err.clone());
     }
-    let text = t.render();
-    // Drop the empty header line.
-    for line in text.lines().skip(1) {
-        outln!("{}", line.trim_end())?;
-    }
+    outln!("{}", lines.join("\n"))?;
     if !info.console_tail.is_empty() {
         outln!("last console lines:")?;
         for l in &info.console_tail {
@@ -454,10 +449,9 @@ async fn logs(a: VmLogsArgs) -> Result<Exit, CliError> {
         Ok(())
     })
     .await?;
-    Ok(match end {
-        StreamEnd::Cancelled => Exit::Ok,
-        _ => Exit::Ok,
-    })
+    // Ctrl-C is how `logs -f` ends: not an error.
+    let _: StreamEnd = end;
+    Ok(Exit::Ok)
 }
 
 async fn ports(a: VmNameJson) -> Result<Exit, CliError> {

@@ -86,6 +86,9 @@ pub enum Ext4Error {
     /// mkfs.ext4 failed for another reason.
     #[error("mkfs.ext4 failed ({status}): {stderr}")]
     Mkfs { status: String, stderr: String },
+    /// resize2fs failed.
+    #[error("resize2fs failed ({status}): {stderr}")]
+    Resize { status: String, stderr: String },
     /// debugfs failed or reported errors while applying fixups.
     #[error("debugfs failed applying fixups ({status}): {stderr}")]
     Debugfs { status: String, stderr: String },
@@ -334,6 +337,30 @@ async fn run_debugfs(
         return Err(Ext4Error::Debugfs {
             status: output.status.to_string(),
             stderr: complaints.join("\n"),
+        });
+    }
+    Ok(())
+}
+
+/// Grows the ext4 image at `path` to `size` bytes (file and filesystem);
+/// never shrinks it.
+pub async fn grow(path: &Path, size: u64) -> Result<(), Ext4Error> {
+    let current = std::fs::metadata(path)
+        .map_err(io_err("reading", path))?
+        .len();
+    if size <= current {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .map_err(io_err("growing", path))?;
+    let output = run(&tool("resize2fs")?, &[path.as_os_str().to_owned()]).await?;
+    if !output.status.success() {
+        return Err(Ext4Error::Resize {
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
     Ok(())

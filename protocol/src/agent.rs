@@ -17,7 +17,7 @@
 //! the end, and [`AGENT_PROTOCOL_VERSION`] is bumped when an old peer could
 //! misread a new message.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{BufMut, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::marker::PhantomData;
@@ -280,16 +280,6 @@ impl<In, Out: Serialize> tokio_util::codec::Encoder<Out> for AgentCodec<In, Out>
         dst.reserve(bytes.len());
         dst.put_slice(&bytes);
         Ok(())
-    }
-}
-
-/// Strips a leading `0x00`-free prefix: what a side does right after
-/// (re)connecting to drop a torn frame left over from an old session.
-pub fn skip_to_frame_start(buf: &mut BytesMut) {
-    if let Some(end) = buf.iter().position(|b| *b == 0) {
-        buf.advance(end + 1);
-    } else {
-        buf.clear();
     }
 }
 

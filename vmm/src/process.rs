@@ -253,7 +253,9 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 pub async fn wait_exit(id: ProcessId) -> Exit {
     let is_this = || stat_state_and_start(id.pid).is_some_and(|(_, t)| t == id.start_ticks);
     if is_this() {
-        match pidfd_open(id.pid).and_then(AsyncFd::new) {
+        // SAFETY: the pidfd was just opened and is owned by the AsyncFd from
+        // here on; nothing else closes or replaces it.
+        match pidfd_open(id.pid).and_then(|fd| Ok(unsafe { AsyncFd::register(fd) }?)) {
             Ok(fd) => {
                 // Re-check after opening: the pid may have been reused in between.
                 if is_this() {

@@ -26,7 +26,7 @@ use crate::kernels::catalog::ensure_kernel;
 use crate::layout::{new_id, Layout};
 use crate::names;
 use crate::records::validate_name;
-use crate::vms::oplog::{follow, OpLog};
+use crate::vms::oplog::{follow, Follower, OpLog};
 use crate::vms::record::{mac_for, VmRecord};
 use crate::vms::supervisor::VmMsg;
 use crate::vms::VmsMsg;
@@ -121,31 +121,15 @@ async fn follow_for_client(
     on_cancel: impl FnOnce(),
 ) -> Result<VmInfo, ErrorData> {
     let mut fwd = forward(rctx);
-    let mut rx = log.subscribe();
-    let mut seen = 0usize;
+    let mut follower = Follower::new(log);
     let mut on_cancel = Some(on_cancel);
     loop {
-        let (new, done) = {
-            let s = rx.borrow_and_update();
-            (
-                s.events[seen.min(s.events.len())..].to_vec(),
-                s.done.clone(),
-            )
-        };
-        seen += new.len();
-        for e in new {
-            fwd(e);
-        }
-        if let Some(result) = done {
+        if let Some(result) = follower.drain(&mut fwd) {
             return result;
         }
         tokio::select! {
-            changed = rx.changed() => if changed.is_err() {
-                return follow(log.subscribe(), |_| {}).await;
-            },
-            _ = rctx.connection.cancelled() => {
-                return Err(rctx.cancelled_error());
-            }
+            changed = follower.changed() => changed?,
+            _ = rctx.connection.cancelled() => return Err(rctx.cancelled_error()),
             _ = rctx.cancel.cancelled(), if on_cancel.is_some() => {
                 if let Some(f) = on_cancel.take() { f(); }
             }
@@ -431,7 +415,7 @@ async fn create_job(
                 c.cancelled().await;
                 let _ = vm2.cast(VmMsg::CancelStart);
             });
-            let r = follow(inner.subscribe(), |p| {
+            let r = follow(&inner, |p| {
                 log.progress_bytes(&p.stage, p.detail, p.bytes_done.zip(p.bytes_total))
             })
             .await;

@@ -124,18 +124,10 @@ fn sparse_copy(mut input: File, mut output: File) -> std::io::Result<()> {
 
 /// Grows the ext4 image at `path` to `size` bytes (never shrinks it).
 pub async fn grow_ext4(path: &Path, size: u64) -> Result<(), ErrorData> {
-    let current = std::fs::metadata(path)
-        .map_err(io_err(format!("reading {}", path.display())))?
-        .len();
-    if size <= current {
-        return Ok(());
-    }
-    File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(size))
-        .map_err(io_err(format!("growing {}", path.display())))?;
-    run("resize2fs", &["-p".as_ref(), path.as_os_str()]).await
+    banger_image::ext4::grow(path, size).await.map_err(|e| {
+        ErrorData::from_error(ErrorKind::Internal, &e)
+            .with_cause(format!("growing {}", path.display()))
+    })
 }
 
 async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), ErrorData> {

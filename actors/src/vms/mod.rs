@@ -220,7 +220,10 @@ async fn undo_create(rec: &VmRecord, settings: &VmSettings, store: &StoreClient)
 
 /// Removes VM leftovers that no record owns.
 async fn sweep_orphans(settings: &VmSettings, known: &[VmRecord]) {
-    let ids: std::collections::HashSet<String> = known.iter().map(|r| r.id.clone()).collect();
+    let owned_dirs: std::collections::HashSet<std::path::PathBuf> = known
+        .iter()
+        .flat_map(|r| [settings.vm_dir(&r.id), settings.vm_run_dir(&r.id)])
+        .collect();
     let names: std::collections::HashSet<String> = known.iter().map(|r| r.name.clone()).collect();
     // VMM processes of unknown VMs.
     let run_root = settings.run_dir.display().to_string();
@@ -238,11 +241,7 @@ async fn sweep_orphans(settings: &VmSettings, known: &[VmRecord]) {
     for root in [&settings.vms_dir, &settings.run_dir] {
         if let Ok(entries) = std::fs::read_dir(root) {
             for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let owned = ids
-                    .iter()
-                    .any(|id| id == &name || id.starts_with(&name) && name.len() == 12);
-                if !owned {
+                if !owned_dirs.contains(&e.path()) {
                     warn!(dir = %e.path().display(), "removing an orphaned VM directory");
                     let _ = recover::remove_dir(&e.path());
                 }
@@ -442,11 +441,11 @@ impl Actor for VmManager {
                 }
             }
             VmsMsg::Respawn { name } => {
-                if state.actors.contains_key(&name) {
+                // Still a VM (not deleted meanwhile)?
+                if state.infos.contains_key(&name) {
                     state.actors.remove(&name);
                     if let Err(e) = state.spawn_vm(&myself, &name).await {
                         warn!(vm = %name, error = %e, "respawning the VM supervisor failed; retrying");
-                        state.actors.remove(&name);
                         let me = myself.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -488,8 +487,6 @@ impl Actor for VmManager {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let _ = me.cast(VmsMsg::Respawn { name });
             });
-            // Keep the entry until the respawn replaces it.
-            let _ = &state.actors;
         }
         Ok(())
     }

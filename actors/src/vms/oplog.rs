@@ -80,44 +80,65 @@ impl OpLog {
         });
     }
 
-    pub fn is_done(&self) -> bool {
-        self.tx.borrow().done.is_some()
-    }
-
     pub fn subscribe(&self) -> watch::Receiver<OpState> {
         self.tx.subscribe()
+    }
+}
+
+/// A reader of an operation's log from its first event: each event is
+/// handed out once.
+#[derive(Debug)]
+pub struct Follower {
+    rx: watch::Receiver<OpState>,
+    seen: usize,
+}
+
+impl Follower {
+    pub fn new(log: &OpLog) -> Self {
+        Self {
+            rx: log.subscribe(),
+            seen: 0,
+        }
+    }
+
+    /// Hands the events not seen yet to `on_progress`; the result once
+    /// the operation has ended.
+    pub fn drain(
+        &mut self,
+        mut on_progress: impl FnMut(Progress),
+    ) -> Option<Result<VmInfo, ErrorData>> {
+        let state = self.rx.borrow_and_update();
+        for event in &state.events[self.seen.min(state.events.len())..] {
+            on_progress(event.clone());
+        }
+        self.seen = state.events.len();
+        state.done.clone()
+    }
+
+    /// Waits for the log to change. An error means the writer is gone.
+    pub async fn changed(&mut self) -> Result<(), ErrorData> {
+        self.rx.changed().await.map_err(|_| {
+            ErrorData::new(
+                ErrorKind::Internal,
+                "the operation ended without a result (its owner stopped)",
+            )
+            .with_hint("see `banger vm show` and `banger daemon logs`")
+        })
     }
 }
 
 /// Follows an operation from its first event: hands each event to
 /// `on_progress` once, and returns its result.
 pub async fn follow(
-    mut rx: watch::Receiver<OpState>,
+    log: &OpLog,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<VmInfo, ErrorData> {
-    let mut seen = 0;
+    let mut follower = Follower::new(log);
     loop {
-        let (new, done) = {
-            let state = rx.borrow_and_update();
-            (
-                state.events[seen.min(state.events.len())..].to_vec(),
-                state.done.clone(),
-            )
-        };
-        seen += new.len();
-        for event in new {
-            on_progress(event);
-        }
-        if let Some(result) = done {
+        if let Some(result) = follower.drain(&mut on_progress) {
             return result;
         }
-        if rx.changed().await.is_err() {
-            return Err(ErrorData::new(
-                ErrorKind::Internal,
-                "the operation ended without a result (its owner stopped)",
-            )
-            .with_hint("see `banger vm show` and `banger daemon logs`"));
-        }
+        follower.changed().await?;
     }
 }
 
@@ -129,7 +150,7 @@ mod tests {
     async fn late_followers_get_the_backlog_and_the_result() {
         let log = OpLog::new("create");
         log.progress("resolve", "image x");
-        let rx = log.subscribe();
+        let reader = log.clone();
         let writer = log.clone();
         tokio::spawn(async move {
             writer.progress("boot", "waiting");
@@ -137,7 +158,7 @@ mod tests {
             writer.finish(Err(ErrorData::new(ErrorKind::Internal, "ignored")));
         });
         let mut stages = Vec::new();
-        let result = follow(rx, |p| stages.push(p.stage)).await;
+        let result = follow(&reader, |p| stages.push(p.stage)).await;
         assert_eq!(stages, ["resolve", "boot"]);
         assert_eq!(result.unwrap_err().kind, ErrorKind::Cancelled);
     }

@@ -13,7 +13,6 @@ use super::boot;
 use super::record::{VmRecord, VmSettings};
 use crate::ask::ask;
 use crate::names;
-use crate::network::dns::DnsMsg;
 use crate::network::taps::TapsMsg;
 
 /// Live processes whose command line mentions `needle` (a VM's run dir,
@@ -103,13 +102,7 @@ pub async fn recover(rec: &mut VmRecord, settings: &VmSettings) -> Option<Arc<dy
     for tap in taps {
         boot::undo_network(&rec.name, Some(tap), false).await;
     }
-    let name = rec.name.clone();
-    let _ = ask(
-        names::DNS,
-        |reply| DnsMsg::Remove { name, reply },
-        Duration::from_secs(10),
-    )
-    .await;
+    boot::undo_network(&rec.name, None, true).await;
     let had_process = rec.process.take().is_some();
     rec.state = match rec.state {
         VmState::Running | VmState::Starting if rec.ever_running => {

@@ -140,6 +140,8 @@ pub struct VmActorState {
     crashes: VecDeque<Instant>,
     /// The current stop was asked for (an exit is then not a crash).
     stopping: bool,
+    /// Stops asked for while booting: they end with the boot.
+    stop_waiters: Vec<OpLog>,
 }
 
 fn invalid_state(from: VmState, op: &str, name: &str) -> ErrorData {
@@ -239,13 +241,13 @@ impl VmActorState {
     }
 
     fn stop(&mut self, myself: &ActorRef<VmMsg>, force: bool, log: OpLog) -> Result<(), ErrorData> {
+        if self.stopping {
+            return Err(ErrorData::new(
+                ErrorKind::InvalidState,
+                format!("VM `{}` is already stopping", self.rec.name),
+            ));
+        }
         if let Some(op) = &self.op {
-            if op.log.op() == "stop" || op.log.op() == "delete" {
-                return Err(ErrorData::new(
-                    ErrorKind::InvalidState,
-                    format!("VM `{}` is already stopping", self.rec.name),
-                ));
-            }
             // Stopping a VM that is still booting cancels the boot.
             op.cancel.cancel();
         }
@@ -260,16 +262,11 @@ impl VmActorState {
             }
             other => return Err(invalid_state(other, "stop", &self.rec.name)),
         }
-        if self.rec.state == VmState::Starting && self.handle.is_none() {
-            // The boot task owns the pieces; its cancellation undoes them
-            // and BootDone completes the stop.
+        if self.rec.state == VmState::Starting {
+            // The boot task owns the pieces: its cancellation (above) undoes
+            // them, and its BootDone completes this stop too.
             self.stopping = true;
-            let op_log = log.clone();
-            self.op = Some(Op {
-                log: op_log,
-                cancel: CancellationToken::new(),
-                _task: None,
-            });
+            self.stop_waiters.push(log);
             return Ok(());
         }
         self.transition(VmState::Stopping, "stop")?;
@@ -310,8 +307,12 @@ impl VmActorState {
     }
 
     fn finish_op(&mut self, result: Result<(), ErrorData>) {
+        let result = result.map(|()| self.info());
         if let Some(op) = self.op.take() {
-            op.log.finish(result.map(|()| self.info()));
+            op.log.finish(result.clone());
+        }
+        for log in self.stop_waiters.drain(..) {
+            log.finish(result.clone());
         }
     }
 }
@@ -390,7 +391,9 @@ impl Actor for VmSupervisor {
             restart_timer: None,
             crashes: VecDeque::new(),
             stopping: false,
+            stop_waiters: Vec::new(),
         };
+        let stored = state.rec.clone();
         state.handle = super::recover::recover(&mut state.rec, &state.settings).await;
         if state.rec.state == VmState::Crashed && state.rec.restart == RestartPolicy::No {
             state.rec.state = VmState::Stopped;
@@ -409,9 +412,12 @@ impl Actor for VmSupervisor {
                 }
             });
         }
-        state.persist().await;
         if state.rec.state == VmState::Crashed {
             schedule_restart(&mut state, &myself);
+        }
+        // Only a record that recovery changed is written back.
+        if state.rec != stored {
+            state.persist().await;
         }
         Ok(state)
     }
@@ -475,15 +481,19 @@ impl Actor for VmSupervisor {
                     )));
                 }
                 state.restart_timer = None;
+                state.watcher = None;
+                state.agent = None;
                 state.stopping = true;
                 let handle = state.handle.take();
-                let pieces = (state.rec.clone(), state.settings.clone());
-                state.release_runtime().await;
+                let (mut rec, settings) = (state.rec.clone(), state.settings.clone());
                 tokio::spawn(async move {
                     if let Some(handle) = handle {
                         let _ = handle.kill().await;
                     }
-                    let (rec, settings) = pieces;
+                    // The same sweep as recovery: whatever an interrupted
+                    // boot launched or took (VMM, TAP, DNS record) goes.
+                    rec.state = VmState::Stopped;
+                    super::recover::recover(&mut rec, &settings).await;
                     let _ = reply.send(super::recover::remove_files(&rec, &settings).await);
                 });
             }
