@@ -22,6 +22,7 @@ pub mod http;
 pub mod netns;
 pub mod oci;
 mod raw;
+pub mod vm;
 pub mod wait;
 
 use std::ffi::OsString;
