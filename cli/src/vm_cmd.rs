@@ -14,7 +14,6 @@ use banger_protocol::{
     ClientMessage, OutputStream, Request, Response, RestartPolicy, ServerMessage, TtySize,
     VmCreateRequest, VmExecRequest, VmInfo,
 };
-use tokio::io::AsyncReadExt;
 
 use crate::args::{
     JsonFlag, VmCommand, VmCreateArgs, VmExecArgs, VmLogsArgs, VmNameJson, VmRunArgs,
@@ -361,6 +360,32 @@ fn terminal_size() -> Option<TtySize> {
     })
 }
 
+/// Stdin in chunks, read by a thread of its own; the channel closes at end
+/// of file. Not `tokio::io::stdin`: its read runs on the blocking pool and
+/// the runtime waits for it at exit, so on a terminal the CLI would hang
+/// after the remote command ended until the user pressed a key.
+fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
+    rx
+}
+
 /// Runs `argv` in the VM through the agent, relaying stdin and output.
 async fn agent_exec(name: &str, argv: Vec<String>, tty: bool) -> Result<Exit, CliError> {
     let paths = connect::paths()?;
@@ -382,8 +407,7 @@ async fn agent_exec(name: &str, argv: Vec<String>, tty: bool) -> Result<Exit, Cl
     });
     let id = client.send(request).await?;
     let _raw = tty.then(RawTerminal::enable);
-    let mut stdin = tokio::io::stdin();
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut stdin = stdin_chunks();
     let mut stdin_open = true;
     let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
         .map_err(|e| CliError::with_source("cannot watch the terminal size", &e))?;
@@ -408,12 +432,12 @@ async fn agent_exec(name: &str, argv: Vec<String>, tty: bool) -> Result<Exit, Cl
                 ServerMessage::Error(e) => return Err(e.into()),
                 _ => {}
             },
-            n = stdin.read(&mut buf), if stdin_open => match n {
-                Ok(0) | Err(_) => {
+            chunk = stdin.recv(), if stdin_open => match chunk {
+                None => {
                     stdin_open = false;
                     client.send_message(ClientMessage::InputClose { id }).await?;
                 }
-                Ok(n) => client.send_message(ClientMessage::Input { id, data: buf[..n].to_vec() }).await?,
+                Some(data) => client.send_message(ClientMessage::Input { id, data }).await?,
             },
             _ = winch.recv(), if tty => {
                 if let Some(size) = terminal_size() {

@@ -6,7 +6,11 @@
 //! The tests check the VM through the agent, by ping from the namespace,
 //! through banger's DNS, and that stop/start/delete leave nothing behind.
 
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use banger_protocol::client::ClientError;
 use banger_protocol::{ExitStatus, Request, Response, VmCreateRequest, VmState};
@@ -20,16 +24,32 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
     let (d, _reg, image) = busybox_setup().await;
     let mut c = d.client().await;
 
-    let outcome = run(
-        &mut c,
-        Request::VmCreate(VmCreateRequest {
-            name: Some("bb".into()),
-            image: Some(image.clone()),
-            ..VmCreateRequest::default()
-        }),
-        BOOT,
-    )
-    .await;
+    // Detached: the CLI returns while the daemon boots the VM, and a
+    // watcher follows the create from its first stage.
+    let detached = d.banger([
+        "vm", "create", "--detach", "--name", "bb", "--image", &image, "--json",
+    ]);
+    assert!(
+        detached.status.success(),
+        "vm create --detach: {}",
+        String::from_utf8_lossy(&detached.stderr)
+    );
+    let created: serde_json::Value = String::from_utf8_lossy(&detached.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("vm").is_some())
+        .unwrap_or_else(|| {
+            panic!(
+                "no vm line in {}",
+                String::from_utf8_lossy(&detached.stdout)
+            )
+        });
+    let early = created["vm"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(early, "running", "--detach waited for the boot: {created}");
+    let outcome = run(&mut c, Request::VmWatch { name: "bb".into() }, BOOT).await;
     let stages = outcome.stages();
     let info = match outcome.result {
         Ok(Response::Vm(info)) => info,
@@ -115,6 +135,32 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
         "{del:?}"
     );
 
+    // `vm watch` on a VM with nothing going on returns its state at once.
+    let watched = d.banger(["vm", "watch", "bb"]);
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&watched.stdout).contains("running"),
+        "{}",
+        String::from_utf8_lossy(&watched.stdout)
+    );
+
+    // An interactive shell through the agent: the CLI on a terminal gets a
+    // PTY in the guest of the terminal's size, and the shell's exit code.
+    let (code, screen) = pty_session(
+        d.banger_command(["vm", "exec", "-t", "bb", "--", "/bin/sh"]),
+        (33, 101),
+        &[
+            ("busybox stty size; echo $((6*7))\n", "42"),
+            ("exit 3\n", ""),
+        ],
+    );
+    assert_eq!(code, Some(3), "screen:\n{screen}");
+    assert!(screen.contains("33 101"), "no guest tty size in:\n{screen}");
+
     // Stop: the VMM is gone, the TAP and DNS record are released.
     let stopped = vm(
         &mut c,
@@ -179,4 +225,80 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
         .map(|r| r.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "VM dirs left: {left:?}");
+}
+
+/// Runs `cmd` on a new pseudo-terminal of `size` (rows, cols), typing each
+/// step's input once the previous step's expected text has appeared on the
+/// screen. Returns the exit code and everything the terminal showed.
+fn pty_session(
+    mut cmd: Command,
+    size: (u16, u16),
+    steps: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    let winsize = nix::pty::Winsize {
+        ws_row: size.0,
+        ws_col: size.1,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&winsize), None).expect("openpty");
+    let slave = std::fs::File::from(pty.slave);
+    cmd.stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave));
+    let mut child = cmd.spawn().expect("spawn the CLI on a pty");
+    drop(cmd); // closes our copies of the slave
+    let mut master = std::fs::File::from(pty.master);
+    let screen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let reader = {
+        let mut m = master.try_clone().expect("dup master");
+        let screen = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once the last slave holder exits.
+            while let Ok(n) = m.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen.lock().expect("screen").extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let shown =
+        |s: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&s.lock().expect("screen")).into_owned();
+    let deadline = Instant::now() + SHORT;
+    let mut expected_after = 0;
+    for (input, expect) in steps {
+        master
+            .write_all(input.as_bytes())
+            .expect("type into the pty");
+        if expect.is_empty() {
+            continue;
+        }
+        loop {
+            let text = shown(&screen);
+            if text[expected_after.min(text.len())..].contains(expect) {
+                expected_after = text.len();
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{expect:?} never appeared on the terminal:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the session did not end:\n{}", shown(&screen));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(master);
+    let _ = reader.join();
+    (status.code(), shown(&screen))
 }
