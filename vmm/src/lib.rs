@@ -14,6 +14,7 @@
 //! This crate knows nothing about actors or the store; the VmSupervisor in
 //! `banger-actors` owns one handle per VM.
 
+pub mod exit;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
+pub use exit::{ExitReason, VmmExit};
 pub use process::ProcessId;
 
 /// Which VMM a VM runs under.
@@ -227,6 +229,15 @@ pub trait VmmHandle: Send + Sync + fmt::Debug {
     async fn kill(&self) -> Result<(), VmmError>;
 
     /// Resolves when the process has exited (works for adopted processes
-    /// too, through a pidfd). Cancel-safe; may be called repeatedly.
-    async fn wait_exit(&self) -> process::Exit;
+    /// too, through a pidfd), with its raw status. Cancel-safe; may be
+    /// called repeatedly. [`wait_exit_reason`](Self::wait_exit_reason)
+    /// says why it exited.
+    async fn wait_exit(&self) -> process::Exit {
+        self.wait_exit_reason().await.status
+    }
+
+    /// Resolves when the process has exited, with why ([`VmmExit`]): a
+    /// guest power-off, a guest reset or panic, a kill, a VMM failure.
+    /// Cancel-safe; may be called repeatedly (the same answer each time).
+    async fn wait_exit_reason(&self) -> VmmExit;
 }

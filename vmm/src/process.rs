@@ -46,7 +46,9 @@ impl std::fmt::Display for Exit {
 }
 
 impl Exit {
-    /// A clean exit (code 0): the guest powered off.
+    /// Exit code 0. Not proof of a guest power-off: under QEMU's
+    /// `-no-reboot` a guest reset or panic exits 0 too (see
+    /// [`crate::exit`] for telling them apart).
     pub fn is_clean(self) -> bool {
         matches!(self, Exit::Code(0))
     }

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use banger_vmm::process::{self, Exit, ProcessId};
 use banger_vmm::qemu::{QemuBackend, RunPaths};
 use banger_vmm::{
-    Accel, DiskFormat, DiskSpec, MachineSpec, StopOutcome, VmmBackend, VmmError, VmmHandle,
+    Accel, DiskFormat, DiskSpec, ExitReason, MachineSpec, StopOutcome, VmmBackend, VmmError,
+    VmmHandle,
 };
 
 /// Bound on how long a guest takes to reach a point we wait for. A TCG
@@ -222,7 +223,7 @@ async fn boots_reports_running_and_stops() {
 }
 
 #[tokio::test]
-async fn a_guest_panic_ends_qemu_with_exit_code_0() {
+async fn a_guest_panic_ends_qemu_with_exit_code_0_and_is_told_from_a_power_off() {
     // No initrd and no root disk: the kernel cannot mount a root, panics,
     // and with panic=1 resets after a second; -no-reboot turns the reset
     // into QEMU's exit.
@@ -241,6 +242,16 @@ async fn a_guest_panic_ends_qemu_with_exit_code_0() {
     assert!(!handle.process().is_alive());
     // The status is remembered; wait_exit can be asked again.
     assert_eq!(handle.wait_exit().await, Exit::Code(0));
+    // QEMU saw a reset (SHUTDOWN reason guest-reset); the console says it
+    // was a panic.
+    let reason = handle.wait_exit_reason().await;
+    assert_eq!(reason.reason, ExitReason::GuestPanic, "{reason}");
+    assert!(reason.is_failure());
+    let text = reason.to_string();
+    assert!(
+        text.starts_with("the guest kernel panicked: Kernel panic - not syncing: VFS"),
+        "{text}"
+    );
     let status = handle.status().await.unwrap();
     assert!(!status.running);
     assert_eq!(status.detail, "exited (exit code 0)");
@@ -266,6 +277,9 @@ async fn a_guest_poweroff_within_the_timeout_is_a_clean_stop() {
     assert_eq!(outcome, StopOutcome::Clean, "console:\n{console}");
     assert!(console.contains("reboot: Power down"), "{console}");
     assert_eq!(handle.wait_exit().await, Exit::Code(0));
+    let reason = handle.wait_exit_reason().await;
+    assert_eq!(reason.reason, ExitReason::PowerOff, "{reason}");
+    assert!(!reason.is_failure());
     assert!(vm.processes().is_empty());
 }
 
@@ -293,6 +307,17 @@ async fn kill_ends_qemu_with_sigkill() {
     assert!(vm.processes().is_empty());
     assert_eq!(handle.wait_exit().await, Exit::Signal(libc::SIGKILL));
     assert_eq!(handle.wait_exit().await, Exit::Signal(libc::SIGKILL));
+    let reason = handle.wait_exit_reason().await;
+    assert_eq!(
+        reason.reason,
+        ExitReason::Killed {
+            signal: Some(libc::SIGKILL)
+        }
+    );
+    assert_eq!(
+        reason.to_string(),
+        "the VMM was killed by signal 9 (SIGKILL)"
+    );
 }
 
 #[tokio::test]
@@ -340,10 +365,139 @@ async fn adopt_reattaches_and_rejects_other_processes() {
     process::wait_exit(dead).await;
     not_adoptable(backend().adopt(&vm.spec, dead).await, dead.pid);
 
-    adopted.kill().await.unwrap();
+    // SIGTERM: QEMU shuts down by itself (exit code 0) and says why in
+    // its SHUTDOWN event, which the adopted handle's event watcher gets
+    // (the first owner's watcher went with it). Without the event, the
+    // exit would pass for a power-off or (from the console) a panic.
+    // SAFETY: a plain kill(2) of the live QEMU this test started.
+    unsafe { libc::kill(pid.pid as i32, libc::SIGTERM) };
+    let exit = tokio::time::timeout(BOOT_BOUND, adopted.wait_exit_reason())
+        .await
+        .expect("QEMU exits on SIGTERM");
     assert!(!pid.is_alive());
     // Our child, so the status is known even through the adopted handle.
-    assert_eq!(adopted.wait_exit().await, Exit::Signal(libc::SIGKILL));
+    assert_eq!(exit.status, Exit::Code(0));
+    assert_eq!(exit.reason, ExitReason::Killed { signal: None }, "{exit}");
+    assert_eq!(
+        exit.to_string(),
+        "the VMM was stopped from outside banger: QEMU got SIGTERM, SIGINT or SIGHUP"
+    );
+}
+
+/// Writes a newc cpio archive of `files` (path in the archive, mode,
+/// contents); directories have no contents.
+fn cpio(files: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut entry = |name: &str, mode: u32, data: &[u8], ino: usize| {
+        let header = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            0, 0, 1, 0, data.len(), 0, 0, 0, 0, name.len() + 1, 0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    };
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(name, *mode, data, i + 1);
+    }
+    entry("TRAILER!!!", 0, &[], 0);
+    out
+}
+
+/// An initramfs whose init (busybox sh) powers off, reboots or panics as
+/// `t=` on the kernel command line says; `t=pvpanic` loads the pvpanic
+/// driver first. Needs `busybox-static` and the kernel's modules tree.
+fn test_initramfs(dir: &Path) -> PathBuf {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox is needed for these tests: `apt-get install busybox-static`");
+    let version = kernel()
+        .vmlinuz
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .strip_prefix("vmlinuz-")
+        .unwrap()
+        .to_string();
+    let module = |name: &str| {
+        let path = format!("/lib/modules/{version}/kernel/drivers/misc/pvpanic/{name}.ko");
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let init = r#"#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+for w in $(/bin/busybox cat /proc/cmdline); do case $w in t=*) T=${w#t=};; esac; done
+echo "banger test: $T"
+case $T in
+  poweroff) /bin/busybox poweroff -f;;
+  reboot) /bin/busybox reboot -f;;
+  pvpanic)
+    /bin/busybox insmod /pvpanic.ko && /bin/busybox insmod /pvpanic-mmio.ko
+    echo c > /proc/sysrq-trigger;;
+esac
+/bin/busybox sleep 1000
+"#;
+    let archive = cpio(&[
+        ("bin", 0o040755, vec![]),
+        ("proc", 0o040755, vec![]),
+        ("bin/busybox", 0o100755, busybox),
+        ("init", 0o100755, init.as_bytes().to_vec()),
+        ("pvpanic.ko", 0o100644, module("pvpanic")),
+        ("pvpanic-mmio.ko", 0o100644, module("pvpanic-mmio")),
+    ]);
+    let path = dir.join("test-initramfs.cpio");
+    std::fs::write(&path, archive).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_guest_reboot_is_a_reset_and_a_pvpanic_panic_exits_with_failure() {
+    // Two guests side by side: one reboots, one panics with the pvpanic
+    // driver loaded and panic=0 (the kernel would wait forever: only
+    // pvpanic can end QEMU, with -action panic=exit-failure's code 1).
+    let mut reboot = vm("reboot", false, "t=reboot panic=0");
+    let mut pvpanic = vm("pvpanic", false, "t=pvpanic panic=0");
+    reboot.spec.initrd = Some(test_initramfs(reboot.dir.path()));
+    pvpanic.spec.initrd = Some(test_initramfs(pvpanic.dir.path()));
+    let mut reaper = Reaper::default();
+    let (reboot_handle, _) = launch(&reboot, &mut reaper).await;
+    let (pvpanic_handle, _) = launch(&pvpanic, &mut reaper).await;
+
+    let exit = tokio::time::timeout(BOOT_BOUND, reboot_handle.wait_exit_reason())
+        .await
+        .unwrap_or_else(|_| panic!("the rebooting guest still runs:\n{}", reboot.console()));
+    let console = reboot.console();
+    assert!(console.contains("banger test: reboot"), "{console}");
+    assert_eq!(
+        exit.reason,
+        ExitReason::GuestReset,
+        "{exit}; console:\n{console}"
+    );
+    assert_eq!(exit.status, Exit::Code(0));
+    assert!(exit.is_failure());
+
+    let exit = tokio::time::timeout(BOOT_BOUND, pvpanic_handle.wait_exit_reason())
+        .await
+        .unwrap_or_else(|_| panic!("the panicked guest still runs:\n{}", pvpanic.console()));
+    let console = pvpanic.console();
+    assert_eq!(
+        exit.reason,
+        ExitReason::GuestPanic,
+        "{exit}; console:\n{console}"
+    );
+    assert_eq!(exit.status, Exit::Code(1), "{exit}");
+    assert_eq!(
+        exit.detail.as_deref(),
+        Some("Kernel panic - not syncing: sysrq triggered crash"),
+        "console:\n{console}"
+    );
+    assert!(reboot.processes().is_empty() && pvpanic.processes().is_empty());
 }
 
 #[tokio::test]

@@ -5,7 +5,12 @@
 //!
 //! When the VMM dies unexpectedly the supervisor restarts it per the VM's
 //! restart policy with exponential backoff; too many crashes in the window
-//! leave the VM `failed` with the reason and the last console lines.
+//! leave the VM `failed` with the reason and the last console lines. The
+//! VMM handle says why it exited ([`VmmExit`]): a power-off from inside
+//! the guest is a clean stop (`stopped`, restarted only under `always`);
+//! a guest panic or reset, a killed VMM or a VMM failure is a crash
+//! (restarted under `on-failure` and `always`). A restart whose boot fails
+//! counts as another crash.
 //!
 //! A new incarnation (after this actor was killed, or after a daemon
 //! restart) rebuilds everything from the store and the host in
@@ -18,8 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_protocol::{ErrorData, ErrorKind, RestartPolicy, VmInfo, VmState};
-use banger_vmm::process::Exit;
-use banger_vmm::{StopOutcome, VmmHandle};
+use banger_vmm::{StopOutcome, VmmExit, VmmHandle};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +75,7 @@ pub enum VmMsg {
     },
     VmmExited {
         generation: u64,
-        exit: Exit,
+        exit: VmmExit,
     },
     RestartDue {
         generation: u64,
@@ -140,6 +144,9 @@ pub struct VmActorState {
     crashes: VecDeque<Instant>,
     /// The current stop was asked for (an exit is then not a crash).
     stopping: bool,
+    /// The current start is a restart after a crash: its failure is
+    /// another crash, not the end.
+    restarting: bool,
     /// Stops asked for while booting: they end with the boot.
     stop_waiters: Vec<OpLog>,
 }
@@ -189,12 +196,19 @@ impl VmActorState {
         let generation = self.generation;
         let me = myself.clone();
         self.watcher = Some(Task(tokio::spawn(async move {
-            let exit = handle.wait_exit().await;
+            let exit = handle.wait_exit_reason().await;
             let _ = me.cast(VmMsg::VmmExited { generation, exit });
         })));
     }
 
-    fn start(&mut self, myself: &ActorRef<VmMsg>, log: OpLog) -> Result<(), ErrorData> {
+    /// Starts a boot. A `restart` keeps the last crash's reason and
+    /// console lines in the record (`vm show` says why it restarted).
+    fn start(
+        &mut self,
+        myself: &ActorRef<VmMsg>,
+        log: OpLog,
+        restart: bool,
+    ) -> Result<(), ErrorData> {
         if self.op.is_some() {
             return Err(ErrorData::new(
                 ErrorKind::InvalidState,
@@ -213,8 +227,11 @@ impl VmActorState {
         self.restart_timer = None;
         self.generation += 1;
         self.stopping = false;
-        self.rec.last_error = None;
-        self.rec.console_tail.clear();
+        self.restarting = restart;
+        if !restart {
+            self.rec.last_error = None;
+            self.rec.console_tail.clear();
+        }
         let generation = self.generation;
         let cancel = CancellationToken::new();
         let me = myself.clone();
@@ -391,6 +408,7 @@ impl Actor for VmSupervisor {
             restart_timer: None,
             crashes: VecDeque::new(),
             stopping: false,
+            restarting: false,
             stop_waiters: Vec::new(),
         };
         let stored = state.rec.clone();
@@ -436,7 +454,7 @@ impl Actor for VmSupervisor {
                 let _ = reply.send(state.op.as_ref().map(|o| o.log.clone()));
             }
             VmMsg::Start { log, reply } => {
-                let r = state.start(&myself, log);
+                let r = state.start(&myself, log, false);
                 if r.is_ok() {
                     state.rec.restarts = 0;
                     state.crashes.clear();
@@ -537,6 +555,16 @@ impl Actor for VmSupervisor {
                             let _ = state.transition(VmState::Stopping, "stop");
                             let _ = state.transition(VmState::Stopped, "stop");
                             state.finish_op(if state.stopping { Ok(()) } else { Err(err) });
+                        } else if state.restarting {
+                            // A restart that does not come up is another crash.
+                            warn!(vm = %state.rec.name, error = %err, "restart failed");
+                            state.rec.last_error =
+                                Some(format!("restart {} failed: {err}", state.rec.restarts));
+                            state.rec.console_tail =
+                                console_tail(&state.settings.console_log(&state.rec.id), 20);
+                            let _ = state.transition(VmState::Crashed, "crash");
+                            state.finish_op(Err(err));
+                            schedule_restart(state, &myself);
                         } else {
                             state.rec.last_error = Some(err.to_string());
                             state.rec.console_tail =
@@ -547,6 +575,7 @@ impl Actor for VmSupervisor {
                     }
                 }
                 state.stopping = false;
+                state.restarting = false;
                 state.persist().await;
             }
             VmMsg::StopDone {
@@ -573,20 +602,21 @@ impl Actor for VmSupervisor {
                 if state.rec.state != VmState::Running {
                     return Ok(());
                 }
-                let clean = exit.is_clean();
-                warn!(vm = %state.rec.name, %exit, "VMM exited unexpectedly");
+                let failure = exit.is_failure();
+                if failure {
+                    warn!(vm = %state.rec.name, reason = %exit, status = %exit.status, "VMM exited unexpectedly");
+                } else {
+                    info!(vm = %state.rec.name, reason = %exit, "the guest powered off");
+                }
                 state.rec.console_tail =
                     console_tail(&state.settings.console_log(&state.rec.id), 20);
                 state.release_runtime().await;
-                let restart = match state.rec.restart {
-                    RestartPolicy::No => false,
-                    RestartPolicy::OnFailure => !clean,
-                    RestartPolicy::Always => true,
-                };
-                if clean && !restart {
+                let restart = restart_after(state.rec.restart, &exit);
+                if !failure && !restart {
+                    state.rec.last_error = None;
                     let _ = state.transition(VmState::Stopped, "power off");
                 } else {
-                    state.rec.last_error = Some(format!("the VMM {exit}"));
+                    state.rec.last_error = Some(exit.to_string());
                     let _ = state.transition(VmState::Crashed, "crash");
                     if restart {
                         schedule_restart(state, &myself);
@@ -602,7 +632,7 @@ impl Actor for VmSupervisor {
                         "restart",
                         format!("restart {} after a crash", state.rec.restarts),
                     );
-                    if let Err(e) = state.start(&myself, log) {
+                    if let Err(e) = state.start(&myself, log, true) {
                         warn!(vm = %state.rec.name, error = %e, "restart failed");
                     }
                     state.persist().await;
@@ -623,6 +653,24 @@ impl Actor for VmSupervisor {
         }
         Ok(())
     }
+}
+
+/// Whether `policy` restarts a VM after `exit`: `on-failure` after
+/// anything but a power-off from inside the guest, `always` after anything.
+fn restart_after(policy: RestartPolicy, exit: &VmmExit) -> bool {
+    match policy {
+        RestartPolicy::No => false,
+        RestartPolicy::OnFailure => exit.is_failure(),
+        RestartPolicy::Always => true,
+    }
+}
+
+/// The delay before restart number `n` (1-based) within the window:
+/// `initial × 2^(n-1)`, at most `max`.
+fn backoff(initial: Duration, max: Duration, n: u32) -> Duration {
+    initial
+        .saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(max)
 }
 
 /// Restarts a crashed VM after a backoff, or gives up (`failed`) when it
@@ -651,11 +699,11 @@ fn schedule_restart(state: &mut VmActorState, myself: &ActorRef<VmMsg>) {
         return;
     }
     let n = state.crashes.len() as u32;
-    let backoff = state
-        .settings
-        .restart_backoff_initial
-        .saturating_mul(1 << (n.saturating_sub(1)).min(16))
-        .min(state.settings.restart_backoff_max);
+    let backoff = backoff(
+        state.settings.restart_backoff_initial,
+        state.settings.restart_backoff_max,
+        n,
+    );
     let generation = state.generation;
     let me = myself.clone();
     info!(vm = %state.rec.name, backoff_ms = backoff.as_millis() as u64, "restarting VM after a crash");
@@ -663,4 +711,54 @@ fn schedule_restart(state: &mut VmActorState, myself: &ActorRef<VmMsg>) {
         tokio::time::sleep(backoff).await;
         let _ = me.cast(VmMsg::RestartDue { generation });
     })));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_vmm::process::Exit;
+    use banger_vmm::ExitReason;
+
+    fn exit(reason: ExitReason) -> VmmExit {
+        VmmExit {
+            reason,
+            status: Exit::Code(0),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn policies_tell_a_power_off_from_a_crash() {
+        let power_off = exit(ExitReason::PowerOff);
+        let crashes = [
+            exit(ExitReason::GuestPanic),
+            exit(ExitReason::GuestReset),
+            exit(ExitReason::Killed {
+                signal: Some(libc::SIGKILL),
+            }),
+            exit(ExitReason::Killed { signal: None }),
+            exit(ExitReason::VmmError { code: Some(1) }),
+            exit(ExitReason::Unknown),
+        ];
+        assert!(!restart_after(RestartPolicy::OnFailure, &power_off));
+        assert!(!restart_after(RestartPolicy::No, &power_off));
+        assert!(restart_after(RestartPolicy::Always, &power_off));
+        for crash in &crashes {
+            assert!(restart_after(RestartPolicy::OnFailure, crash), "{crash}");
+            assert!(restart_after(RestartPolicy::Always, crash), "{crash}");
+            assert!(!restart_after(RestartPolicy::No, crash), "{crash}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let ms = Duration::from_millis;
+        let delays: Vec<_> = (1..=6).map(|n| backoff(ms(100), ms(1000), n)).collect();
+        assert_eq!(
+            delays,
+            [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]
+        );
+        assert_eq!(backoff(ms(100), ms(1000), 0), ms(100));
+        assert_eq!(backoff(ms(100), Duration::MAX, 40), ms(100) * 65536);
+    }
 }

@@ -40,7 +40,8 @@ use self::api::{
 use self::client::ApiClient;
 use crate::process::{self, Exit, ProcessId};
 use crate::{
-    DiskFormat, MachineSpec, StopOutcome, VmmBackend, VmmError, VmmHandle, VmmKind, VmmStatus,
+    exit, DiskFormat, MachineSpec, StopOutcome, VmmBackend, VmmError, VmmExit, VmmHandle, VmmKind,
+    VmmStatus,
 };
 
 /// API socket file name in the run dir.
@@ -389,6 +390,9 @@ impl VmmBackend for FirecrackerBackend {
     async fn launch(&self, spec: &MachineSpec) -> Result<Arc<dyn VmmHandle>, VmmError> {
         validate(spec)?;
         let paths = prepare_run_dir(spec)?;
+        let console_start = std::fs::metadata(&spec.console_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
         let id = process::spawn_detached(self.command(spec, &paths), &spec.console_log)?;
         info!(pid = id.pid, binary = %self.binary.display(), "firecracker started");
         let client = ApiClient::new(&paths.api_socket).with_timeout(API_TIMEOUT);
@@ -400,7 +404,12 @@ impl VmmBackend for FirecrackerBackend {
             return Err(abort_launch(id, spec, err).await);
         }
         info!(pid = id.pid, "firecracker guest started");
-        Ok(Arc::new(FirecrackerHandle::new(spec, id, client)))
+        Ok(Arc::new(FirecrackerHandle::new(
+            spec,
+            id,
+            client,
+            Some(console_start),
+        )))
     }
 
     #[instrument(skip_all, fields(vm = %spec.name, pid = pid.pid))]
@@ -418,7 +427,7 @@ impl VmmBackend for FirecrackerBackend {
         let client = ApiClient::new(&paths.api_socket).with_timeout(API_TIMEOUT);
         let info = client.instance_info().await?;
         info!(state = %info.state, "adopted firecracker");
-        Ok(Arc::new(FirecrackerHandle::new(spec, pid, client)))
+        Ok(Arc::new(FirecrackerHandle::new(spec, pid, client, None)))
     }
 }
 
@@ -429,17 +438,28 @@ pub struct FirecrackerHandle {
     process: ProcessId,
     client: ApiClient,
     vsock: PathBuf,
+    /// The guest's console (Firecracker's stdout) and its length at
+    /// launch (`None`: adopted), for the exit reason.
+    console: PathBuf,
+    console_from: Option<u64>,
     /// The exit status once observed (only the first wait can reap it).
     exit: Mutex<Option<Exit>>,
 }
 
 impl FirecrackerHandle {
-    fn new(spec: &MachineSpec, process: ProcessId, client: ApiClient) -> Self {
+    fn new(
+        spec: &MachineSpec,
+        process: ProcessId,
+        client: ApiClient,
+        console_from: Option<u64>,
+    ) -> Self {
         Self {
             name: spec.name.clone(),
             process,
             client,
             vsock: RunPaths::new(&spec.run_dir).vsock,
+            console: spec.console_log.clone(),
+            console_from,
             exit: Mutex::new(None),
         }
     }
@@ -548,6 +568,12 @@ impl VmmHandle for FirecrackerHandle {
 
     async fn wait_exit(&self) -> Exit {
         self.wait().await
+    }
+
+    async fn wait_exit_reason(&self) -> VmmExit {
+        let status = self.wait().await;
+        let console = exit::console_since(&self.console, self.console_from);
+        exit::classify_firecracker(status, exit::console_hint(&console))
     }
 }
 
@@ -857,7 +883,7 @@ mod tests {
     }
 
     fn handle_for(fake: &FakeApi, s: &MachineSpec, id: ProcessId) -> FirecrackerHandle {
-        FirecrackerHandle::new(s, id, ApiClient::new(fake.socket()))
+        FirecrackerHandle::new(s, id, ApiClient::new(fake.socket()), None)
     }
 
     fn sleeper(dir: &Path) -> ProcessId {
@@ -933,6 +959,10 @@ mod tests {
             StopOutcome::Clean
         );
         assert_eq!(h.wait_exit().await, Exit::Code(0));
+        // A guest that stops resets, and Firecracker exits 0: a power-off.
+        let exit = h.wait_exit_reason().await;
+        assert_eq!(exit.reason, crate::ExitReason::PowerOff);
+        assert_eq!(exit.status, Exit::Code(0));
     }
 
     #[tokio::test]

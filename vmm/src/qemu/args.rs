@@ -18,6 +18,9 @@ use crate::{Accel, DiskFormat, MachineSpec, VmmError, VmmKind};
 
 /// QMP control socket, in the run dir.
 pub const QMP_SOCKET: &str = "qmp.sock";
+/// A second QMP monitor, only for the handle's event watcher (QEMU serves
+/// one client per monitor), in the run dir.
+pub const EVENTS_SOCKET: &str = "qmpev.sock";
 /// Guest agent virtio-serial port backend, in the run dir.
 pub const AGENT_SOCKET: &str = "agent.sock";
 /// QEMU's pid file (locked by QEMU while it runs), in the run dir.
@@ -41,6 +44,7 @@ const CONSOLE_ARG: &str = "console=ttyS0";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunPaths {
     pub qmp: PathBuf,
+    pub events: PathBuf,
     pub agent: PathBuf,
     pub pid: PathBuf,
     pub log: PathBuf,
@@ -50,6 +54,7 @@ impl RunPaths {
     pub fn of(run_dir: &Path) -> Self {
         Self {
             qmp: run_dir.join(QMP_SOCKET),
+            events: run_dir.join(EVENTS_SOCKET),
             agent: run_dir.join(AGENT_SOCKET),
             pid: run_dir.join(PID_FILE),
             log: run_dir.join(LOG_FILE),
@@ -172,7 +177,7 @@ pub fn validate(spec: &MachineSpec) -> Result<(), VmmError> {
     utf8_absolute("run dir", &spec.run_dir)?;
     utf8_absolute("console log", &spec.console_log)?;
     let paths = RunPaths::of(&spec.run_dir);
-    for socket in [&paths.qmp, &paths.agent] {
+    for socket in [&paths.qmp, &paths.events, &paths.agent] {
         let len = socket.as_os_str().len();
         if len > MAX_SOCKET_PATH {
             return Err(invalid(format!(
@@ -247,6 +252,10 @@ pub fn args(spec: &MachineSpec) -> Vec<String> {
     // A guest reset (reboot, panic with panic=N) ends QEMU instead of
     // rebooting, so the supervisor sees every guest exit as a process exit.
     push(&["-no-reboot"]);
+    // A guest with the pvpanic driver (pvpanic-mmio, autoloaded by udev)
+    // reports a panic at once: QEMU then emits GUEST_PANICKED and exits
+    // with code 1 instead of waiting for the kernel's panic=N reset.
+    push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
 
     // -kernel, -initrd and -append are plain strings, not option lists.
     push(&["-kernel", &spec.kernel.to_string_lossy()]);
@@ -304,6 +313,8 @@ pub fn args(spec: &MachineSpec) -> Vec<String> {
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", path(&paths.qmp)),
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", path(&paths.events)),
     ]);
     // The pid file is a plain path; QEMU keeps it locked while it runs, so
     // a second QEMU on the same run dir fails instead of sharing it.
@@ -407,9 +418,13 @@ mod tests {
         );
         assert_eq!(one(&a, "-append"), "root=/dev/vda rw console=ttyS0");
         assert_eq!(
-            one(&a, "-qmp"),
-            "unix:/run/banger/web/qmp.sock,server=on,wait=off"
+            values(&a, "-qmp"),
+            [
+                "unix:/run/banger/web/qmp.sock,server=on,wait=off",
+                "unix:/run/banger/web/qmpev.sock,server=on,wait=off"
+            ]
         );
+        assert_eq!(one(&a, "-action"), "panic=exit-failure");
         assert_eq!(one(&a, "-pidfile"), "/run/banger/web/qemu.pid");
         assert_eq!(one(&a, "-serial"), "chardev:console");
         assert_eq!(
@@ -449,6 +464,7 @@ mod tests {
         assert_eq!(
             values(&a, "-device"),
             [
+                "pvpanic",
                 "virtio-blk-pci,drive=root",
                 "virtio-blk-pci,drive=seed",
                 "virtio-net-pci,netdev=net0,mac=02:aa:bb:cc:dd:ee",
@@ -457,6 +473,7 @@ mod tests {
             ]
         );
         let root = a.iter().position(|x| x.contains("id=root")).unwrap();
+        assert_eq!(a[root + 1], "-device");
         assert_eq!(a[root + 2], "virtio-blk-pci,drive=root");
     }
 
@@ -512,7 +529,7 @@ mod tests {
         assert_eq!(one(&a, "-name"), "banger-a,,b");
         assert!(values(&a, "-drive")[0].starts_with("file=/images/x,,y.qcow2,"));
         assert_eq!(
-            one(&a, "-qmp"),
+            values(&a, "-qmp")[0],
             "unix:/run/b,,x/qmp.sock,server=on,wait=off"
         );
         assert_eq!(

@@ -6,22 +6,31 @@
 //! ([`process::spawn_detached`]) and returns a [`QemuHandle`] once QMP
 //! answers and the guest's vCPUs run. Everything QEMU needs at run time
 //! lives in the VM's run dir ([`RunPaths`]): `qmp.sock` (QMP control),
-//! `agent.sock` (the guest agent's virtio-serial port), `qemu.pid` and
-//! `qemu.log` (QEMU's own output). The serial console goes to the spec's
-//! `console_log`.
+//! `qmpev.sock` (a second QMP monitor, for events only), `agent.sock` (the
+//! guest agent's virtio-serial port), `qemu.pid` and `qemu.log` (QEMU's own
+//! output). The serial console goes to the spec's `console_log`.
 //!
 //! QEMU runs with `-no-reboot`, so any guest reset (a reboot, a panic with
 //! `panic=N`) or power-off ends the process with exit code 0 (verified with
-//! QEMU 7.2 for both a kernel panic and an ACPI power-off): the VM's
-//! supervisor learns of every guest exit from [`VmmHandle::wait_exit`].
-//! A failure of QEMU itself is a non-zero code (1 for a bad argument or an
-//! unopenable disk) or a signal.
+//! QEMU 7.2): the VM's supervisor learns of every guest exit from
+//! [`VmmHandle::wait_exit_reason`], which tells them apart
+//! ([`crate::exit`]): the handle keeps a task reading QEMU's events
+//! (`SHUTDOWN` with its `reason`: `guest-shutdown`, `guest-reset`,
+//! `guest-panic`, `host-signal`...; `GUEST_PANICKED`) on the events
+//! monitor, and reads the console written since the launch (the kernel's
+//! `Kernel panic - not syncing` line before a panic's reset). A pvpanic
+//! device with `-action panic=exit-failure` makes QEMU exit with code 1 as
+//! soon as a guest with the pvpanic driver panics. A failure of QEMU
+//! itself is a non-zero code (1 for a bad argument or an unopenable disk)
+//! or a signal.
 //!
 //! Each handle owns at most one QMP connection (QEMU serves one client per
-//! socket), opened on demand and replaced when it breaks. After a daemon
-//! restart [`QemuBackend::adopt`] checks the recorded process is still this
-//! VM's QEMU and reconnects; the previous owner's connection must be gone
-//! by then (it is, when the previous owner was a dead daemon).
+//! socket), opened on demand and replaced when it breaks, plus the event
+//! watcher's connection (closed when the handle is dropped). After a
+//! daemon restart [`QemuBackend::adopt`] checks the recorded process is
+//! still this VM's QEMU and reconnects; the previous owner's connections
+//! must be gone by then (they are, when the previous owner was a dead
+//! daemon or a dropped handle).
 
 mod args;
 mod qmp;
@@ -41,10 +50,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::net::UnixStream;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{watch, Mutex, OnceCell};
+use tokio::task::AbortHandle;
 use tracing::instrument;
 
-use crate::process::{self, Exit, ProcessId};
+use crate::exit::{self as exit_reason, QemuEvents, VmmExit};
+use crate::process::{self, ProcessId};
 use crate::{MachineSpec, StopOutcome, VmmBackend, VmmError, VmmHandle, VmmKind, VmmStatus};
 
 /// The QEMU binary looked up on `PATH`.
@@ -60,6 +71,11 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// How much of `qemu.log` goes into an error.
 const LOG_TAIL: usize = 2000;
+/// After QEMU exited: how long its event watcher gets to read the last
+/// events (the socket closes with the process, so it is normally at once).
+const EVENTS_GRACE: Duration = Duration::from_secs(2);
+/// How long an adoption waits for its event watcher to be served.
+const ADOPT_EVENTS_WAIT: Duration = Duration::from_secs(2);
 
 /// Starts and adopts QEMU processes.
 #[derive(Debug, Clone)]
@@ -116,7 +132,7 @@ impl QemuBackend {
                 ),
             });
         }
-        for socket in [&paths.qmp, &paths.agent] {
+        for socket in [&paths.qmp, &paths.events, &paths.agent] {
             match std::fs::remove_file(socket) {
                 Ok(()) => tracing::debug!(path = %socket.display(), "removed a stale socket"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -244,6 +260,9 @@ impl VmmBackend for QemuBackend {
         let paths = RunPaths::of(&spec.run_dir);
         Self::prepare_run_dir(spec, &paths).await?;
         let log_start = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
+        let console_start = std::fs::metadata(&spec.console_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
 
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(spec));
@@ -273,6 +292,23 @@ impl VmmBackend for QemuBackend {
                 return Err(err);
             }
         };
+        // The event monitor is up with the control one; without it (an
+        // error here) exits are classified from the status and console.
+        let events = match tokio::time::timeout(QMP_TIMEOUT, QmpClient::connect(&paths.events))
+            .await
+        {
+            Ok(Ok(client)) => EventSource::Connected(client),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "no QEMU event monitor; exit reasons come from the console");
+                EventSource::None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the QEMU event monitor did not answer; exit reasons come from the console"
+                );
+                EventSource::None
+            }
+        };
         guard.disarm();
         tracing::info!(
             pid = pid.pid,
@@ -280,7 +316,13 @@ impl VmmBackend for QemuBackend {
             version = ?qmp.version(),
             "QEMU running"
         );
-        Ok(Arc::new(QemuHandle::new(spec, pid, Some(qmp))))
+        Ok(Arc::new(QemuHandle::new(
+            spec,
+            pid,
+            Some(qmp),
+            events,
+            Some(console_start),
+        )))
     }
 
     #[instrument(skip_all, fields(vm = %spec.name, pid = pid.pid))]
@@ -296,11 +338,72 @@ impl VmmBackend for QemuBackend {
         if !pid.matches(&paths.pid.to_string_lossy()) {
             return Err(VmmError::NotAdoptable { pid: pid.pid });
         }
-        let handle = QemuHandle::new(spec, pid, None);
+        // A QEMU started by an older banger has no event monitor. The
+        // watcher connects in the background: a previous owner's
+        // connection may linger a moment.
+        let events = if paths.events.exists() {
+            EventSource::Connect(paths.events.clone())
+        } else {
+            EventSource::None
+        };
+        let handle = QemuHandle::new(spec, pid, None, events, None);
         // Proves the process is a QEMU that answers; keeps the connection.
         let status = handle.status().await?;
-        tracing::info!(status = %status.detail, "adopted QEMU");
+        // Give the watcher a moment to be served, so that an exit right
+        // after the adoption is not missed.
+        let listening = handle.wait_listening(ADOPT_EVENTS_WAIT).await;
+        tracing::info!(status = %status.detail, events = listening, "adopted QEMU");
         Ok(Arc::new(handle))
+    }
+}
+
+/// Where a handle's event watcher gets its QMP events from.
+enum EventSource {
+    /// A connection made during the launch.
+    Connected(QmpClient),
+    /// A socket to connect to (adoption).
+    Connect(PathBuf),
+    /// None: no event monitor.
+    None,
+}
+
+/// What the event watcher publishes.
+#[derive(Debug, Clone, Default)]
+struct Watched {
+    /// The watcher is connected and negotiated: no event is missed.
+    listening: bool,
+    events: QemuEvents,
+}
+
+/// Reads QEMU's events until the connection ends (QEMU exited) and
+/// publishes what matters for the exit reason.
+async fn watch_events(source: EventSource, tx: watch::Sender<Watched>) {
+    let mut client = match source {
+        EventSource::Connected(client) => client,
+        EventSource::Connect(path) => match QmpClient::connect(&path).await {
+            Ok(client) => client,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot watch QEMU's events");
+                return;
+            }
+        },
+        EventSource::None => return,
+    };
+    tx.send_modify(|w| w.listening = true);
+    while let Ok(event) = client.next_event().await {
+        tracing::info!(event = %event.name, data = %event.data, "QEMU event");
+        match event.name.as_str() {
+            "SHUTDOWN" => {
+                let reason = event
+                    .data
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .map(String::from);
+                tx.send_modify(|w| w.events.shutdown_reason = reason);
+            }
+            "GUEST_PANICKED" => tx.send_modify(|w| w.events.panicked = true),
+            _ => {}
+        }
     }
 }
 
@@ -310,8 +413,28 @@ pub struct QemuHandle {
     pid: ProcessId,
     paths: RunPaths,
     qmp: Mutex<Option<QmpClient>>,
-    /// The exit status, once seen: `process::wait_exit` can reap only once.
-    exit: OnceCell<Exit>,
+    /// What the event watcher saw; closed when the watcher ended.
+    events: watch::Receiver<Watched>,
+    watcher: Option<AbortHandle>,
+    console: PathBuf,
+    /// The console's length at launch (`None`: adopted).
+    console_from: Option<u64>,
+    /// The process status, once seen: `process::wait_exit` can reap only
+    /// once (kept apart from `exit`, so that a wait cancelled while the
+    /// reason is worked out does not lose it).
+    status: OnceCell<process::Exit>,
+    /// How it exited, once worked out.
+    exit: OnceCell<VmmExit>,
+}
+
+impl Drop for QemuHandle {
+    /// Ends the event watcher, so that its connection does not keep the
+    /// next owner (a re-adopting supervisor) from being served.
+    fn drop(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+    }
 }
 
 impl fmt::Debug for QemuHandle {
@@ -326,14 +449,40 @@ impl fmt::Debug for QemuHandle {
 }
 
 impl QemuHandle {
-    fn new(spec: &MachineSpec, pid: ProcessId, qmp: Option<QmpClient>) -> Self {
+    fn new(
+        spec: &MachineSpec,
+        pid: ProcessId,
+        qmp: Option<QmpClient>,
+        events: EventSource,
+        console_from: Option<u64>,
+    ) -> Self {
+        let (tx, rx) = watch::channel(Watched::default());
+        // Without a runtime (never in practice) there is just no watcher.
+        let watcher = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|rt| rt.spawn(watch_events(events, tx)).abort_handle());
         Self {
             name: spec.name.clone(),
             pid,
             paths: RunPaths::of(&spec.run_dir),
             qmp: Mutex::new(qmp),
+            events: rx,
+            watcher,
+            console: spec.console_log.clone(),
+            console_from,
+            status: OnceCell::new(),
             exit: OnceCell::new(),
         }
+    }
+
+    /// Waits up to `bound` until the event watcher listens; false when it
+    /// does not (no event monitor, or still waiting for a previous owner's
+    /// connection to go).
+    async fn wait_listening(&self, bound: Duration) -> bool {
+        let mut rx = self.events.clone();
+        let listening =
+            tokio::time::timeout(bound, async { rx.wait_for(|w| w.listening).await.is_ok() }).await;
+        listening.unwrap_or(false)
     }
 
     /// The files of this VM's run dir.
@@ -404,16 +553,37 @@ impl QemuHandle {
         result
     }
 
-    /// Waits for the exit and remembers it (reaping happens once).
-    async fn exited(&self) -> Exit {
-        *self.exit.get_or_init(|| process::wait_exit(self.pid)).await
+    /// Waits for the exit and remembers it with its reason (reaping
+    /// happens once).
+    async fn exited(&self) -> VmmExit {
+        self.exit
+            .get_or_init(|| async {
+                let status = *self
+                    .status
+                    .get_or_init(|| process::wait_exit(self.pid))
+                    .await;
+                // The watcher ends at the EOF that follows the exit.
+                let mut rx = self.events.clone();
+                let _ = tokio::time::timeout(EVENTS_GRACE, async {
+                    while rx.changed().await.is_ok() {}
+                })
+                .await;
+                let events = rx.borrow().events.clone();
+                let console = exit_reason::console_since(&self.console, self.console_from);
+                let exit =
+                    exit_reason::classify_qemu(status, &events, exit_reason::console_hint(&console));
+                tracing::info!(vm = %self.name, pid = self.pid.pid, %status, ?events, reason = %exit, "QEMU exited");
+                exit
+            })
+            .await
+            .clone()
     }
 
     fn is_gone(&self) -> bool {
-        self.exit.initialized() || !self.pid.is_alive()
+        self.status.initialized() || !self.pid.is_alive()
     }
 
-    async fn kill_inner(&self) -> Result<Exit, VmmError> {
+    async fn kill_inner(&self) -> Result<VmmExit, VmmError> {
         self.pid.sigkill();
         let exit = tokio::time::timeout(KILL_TIMEOUT, self.exited())
             .await
@@ -461,8 +631,8 @@ impl VmmHandle for QemuHandle {
 
     async fn status(&self) -> Result<VmmStatus, VmmError> {
         if self.is_gone() {
-            let detail = match self.exit.get() {
-                Some(exit) => format!("exited ({exit})"),
+            let detail = match self.status.get() {
+                Some(status) => format!("exited ({status})"),
                 None => "exited".to_string(),
             };
             return Ok(VmmStatus {
@@ -501,7 +671,7 @@ impl VmmHandle for QemuHandle {
         Ok(())
     }
 
-    async fn wait_exit(&self) -> Exit {
+    async fn wait_exit_reason(&self) -> VmmExit {
         self.exited().await
     }
 }
