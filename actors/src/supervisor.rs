@@ -393,8 +393,12 @@ fn kill_child(state: &SupervisorState, name: &str) -> Result<(String, String), E
     let Some(child) = state.children.iter().find(|c| c.spec.name == name) else {
         let known: Vec<_> = state.children.iter().map(|c| c.spec.name).collect();
         return Err(
-            ErrorData::new(ErrorKind::NotFound, format!("no actor named `{name}`"))
-                .with_hint(format!("actors that can be killed: {}", known.join(", "))),
+            ErrorData::new(ErrorKind::NotFound, format!("no actor named `{name}`")).with_hint(
+                format!(
+                    "actors that can be killed: {}, and vm:<name> for a VM's supervisor",
+                    known.join(", ")
+                ),
+            ),
         );
     };
     let Some(cell) = &child.cell else {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_protocol::{
-    DaemonStatus, ErrorData, ErrorKind, Event, Progress, Request, Response, ServerMessage,
-    VersionInfo, BANGER_VERSION, FEATURES, PROTOCOL_VERSION,
+    ActorInfo, ActorStatus, DaemonStatus, ErrorData, ErrorKind, Event, Progress, Request, Response,
+    ServerMessage, VersionInfo, BANGER_VERSION, FEATURES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,7 @@ use crate::events::EventsMsg;
 use crate::names;
 use crate::store::StoreClient;
 use crate::supervisor::SupervisorMsg;
+use crate::vms::VmsMsg;
 
 /// One request's context: where its frames go and how it learns it is cancelled.
 #[derive(Debug)]
@@ -152,17 +153,26 @@ async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, ErrorDa
             Ok(Response::ShuttingDown)
         }
         Request::ConfigShow => Ok(Response::Config(ctx.info.config.clone())),
-        Request::DebugActors => ask(names::SUPERVISOR, SupervisorMsg::ListActors, timeout)
-            .await
-            .map(Response::Actors),
+        Request::DebugActors => debug_actors(timeout).await.map(Response::Actors),
         Request::DebugKillActor { name } => {
             require_owner(rctx)?;
-            let (name, id) = ask(
-                names::SUPERVISOR,
-                |reply| SupervisorMsg::KillChild { name, reply },
-                timeout,
-            )
-            .await??;
+            // A VM's supervisor is a child of the VM manager, the rest are
+            // the root supervisor's.
+            let (name, id) = if name.starts_with("vm:") {
+                ask(
+                    names::VMS,
+                    |reply| VmsMsg::KillChild { name, reply },
+                    timeout,
+                )
+                .await??
+            } else {
+                ask(
+                    names::SUPERVISOR,
+                    |reply| SupervisorMsg::KillChild { name, reply },
+                    timeout,
+                )
+                .await??
+            };
             Ok(Response::ActorKilled { name, id })
         }
         Request::SubscribeEvents { since } => subscribe(rctx, since).await,
@@ -217,6 +227,36 @@ async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, ErrorDa
             Ok(Response::Done)
         }
     }
+}
+
+/// How long `debug actors` waits for the VM manager's list of VM
+/// supervisors; without an answer (it is restarting, or busy recovering)
+/// they are left out.
+const VM_CHILDREN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The root supervisor's children, with the VM manager's children (one
+/// `vm:<name>` per VM) listed right after it.
+async fn debug_actors(timeout: Duration) -> Result<Vec<ActorInfo>, ErrorData> {
+    let mut list = ask(names::SUPERVISOR, SupervisorMsg::ListActors, timeout).await?;
+    let vms_running = list
+        .iter()
+        .any(|a| a.name == names::VMS && a.status == ActorStatus::Running);
+    if vms_running {
+        if let Ok(children) = ask(
+            names::VMS,
+            VmsMsg::Children,
+            VM_CHILDREN_TIMEOUT.min(timeout),
+        )
+        .await
+        {
+            let at = list
+                .iter()
+                .position(|a| a.name == names::VMS)
+                .map_or(list.len(), |i| i + 1);
+            list.splice(at..at, children);
+        }
+    }
+    Ok(list)
 }
 
 fn require_owner(rctx: &RequestCtx) -> Result<(), ErrorData> {

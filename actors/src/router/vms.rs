@@ -387,7 +387,7 @@ async fn create_job(
         has_agent: image.has_agent,
     };
     let requested_ip = req.ip;
-    let vm = ask(
+    let reserved = ask(
         names::VMS,
         |reply| VmsMsg::Reserve {
             record: Box::new(record),
@@ -396,19 +396,39 @@ async fn create_job(
         },
         ASK,
     )
-    .await??;
+    .await
+    .and_then(|r| r);
+    let vm = match reserved {
+        Ok(vm) => vm,
+        Err(err) => {
+            if matches!(err.kind, ErrorKind::Unavailable | ErrorKind::Timeout) {
+                // The answer was lost (the manager restarted or was slow):
+                // the reservation may have happened. Undo it, if so.
+                if let Err(e) = remove_vm(name, Some(&id)).await {
+                    warn!(vm = %name, error = %e, "undoing an unanswered reservation failed");
+                }
+            }
+            return Err(err);
+        }
+    };
     log.stage_done(
         "reserve",
         format!("name {name} and its address reserved"),
         t,
     );
 
-    // Phase 3: the per-VM work, in the VM's supervisor.
+    // Phase 3: the per-VM work, in the VM's supervisor (the one that runs
+    // now: the VM manager may have been restarted since the reservation).
     let inner = OpLog::new("create");
     let l = inner.clone();
-    let started = ask_ref("vm", &vm, |reply| VmMsg::Start { log: l, reply }, ASK).await;
+    let started = match current_supervisor(name, &id, vm).await {
+        Ok(vm) => ask_ref("vm", &vm, |reply| VmMsg::Start { log: l, reply }, ASK)
+            .await
+            .map(|r| r.map(|()| vm)),
+        Err(e) => Err(e),
+    };
     let result = match started {
-        Ok(Ok(())) => {
+        Ok(Ok(vm)) => {
             let vm2 = vm.clone();
             let c = cancel.clone();
             let watcher = tokio::spawn(async move {
@@ -429,19 +449,117 @@ async fn create_job(
         Err(err) => {
             // A create is all or nothing.
             let t = Instant::now();
-            if let Err(e) = remove_vm(name, &vm).await {
-                warn!(vm = %name, error = %e, "undoing a failed create failed");
+            match remove_vm(name, Some(&id)).await {
+                Ok(()) => {
+                    log.stage_done("cleanup", "the half-created VM was removed", t);
+                    // Nothing is left to look at: the name is free again.
+                    let hint = match err.kind {
+                        ErrorKind::Cancelled => return Err(err),
+                        ErrorKind::Unavailable => format!(
+                            "the half-created VM was removed; run the command again (`banger vm create --name {name}`)"
+                        ),
+                        _ => match err.hint.clone() {
+                            Some(h) => format!("{h}; the half-created VM was removed"),
+                            None => "the half-created VM was removed".to_string(),
+                        },
+                    };
+                    Err(err.with_hint(hint))
+                }
+                Err(e) => {
+                    warn!(vm = %name, error = %e, "undoing a failed create failed");
+                    log.progress(
+                        "cleanup",
+                        format!("removing the half-created VM failed: {e}"),
+                    );
+                    Err(err.with_cause(format!(
+                        "removing the half-created VM failed too: {e}; delete it with `banger vm delete {name}`"
+                    )))
+                }
             }
-            log.stage_done("cleanup", "the half-created VM was removed", t);
-            Err(err)
         }
     }
 }
 
-async fn remove_vm(name: &str, vm: &ractor::ActorRef<VmMsg>) -> Result<(), ErrorData> {
-    ask_ref("vm", vm, VmMsg::Teardown, Duration::from_secs(120)).await??;
-    let n = name.to_string();
-    ask(names::VMS, |reply| VmsMsg::Remove { name: n, reply }, ASK).await?
+/// How long removing a VM waits out restarts of the VM manager and of the
+/// VM's supervisor (a failed create must not leave its VM behind because
+/// an actor was being restarted at that moment).
+const REMOVE_PATIENCE: Duration = Duration::from_secs(120);
+
+fn retryable(err: &ErrorData) -> bool {
+    matches!(err.kind, ErrorKind::Unavailable | ErrorKind::Timeout)
+}
+
+/// The supervisor of VM `name` (of id `id`) that runs now: `first` when it
+/// is alive, else the one the VM manager has (waiting out a respawn).
+async fn current_supervisor(
+    name: &str,
+    id: &str,
+    first: ractor::ActorRef<VmMsg>,
+) -> Result<ractor::ActorRef<VmMsg>, ErrorData> {
+    if first.get_status() == ractor::ActorStatus::Running {
+        return Ok(first);
+    }
+    let deadline = Instant::now() + ASK;
+    loop {
+        let err = match supervisor(name).await {
+            Ok(vm) => match ask_ref("vm", &vm, VmMsg::Info, ASK).await {
+                Ok(info) if info.id == id => return Ok(vm),
+                Ok(_) => {
+                    return Err(ErrorData::new(
+                        ErrorKind::NotFound,
+                        format!("VM `{name}` was removed while it was being created"),
+                    ))
+                }
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if !retryable(&err) || Instant::now() >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Tears VM `name` down and forgets it; with `id`, only the VM of that id.
+/// Idempotent, and retried while the VM manager or the VM's supervisor is
+/// being restarted.
+async fn remove_vm(name: &str, id: Option<&str>) -> Result<(), ErrorData> {
+    let deadline = Instant::now() + REMOVE_PATIENCE;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match remove_once(name, id).await {
+            Err(e) if retryable(&e) && Instant::now() + delay < deadline => {
+                info!(vm = %name, error = %e, "removing the VM: waiting for its actors");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn remove_once(name: &str, id: Option<&str>) -> Result<(), ErrorData> {
+    let vm = match supervisor(name).await {
+        Ok(vm) => vm,
+        // Gone already, or never reserved (only claimed).
+        Err(e) if matches!(e.kind, ErrorKind::NotFound | ErrorKind::InvalidState) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if let Some(id) = id {
+        let info = ask_ref("vm", &vm, VmMsg::Info, ASK).await?;
+        if info.id != id {
+            return Ok(());
+        }
+    }
+    ask_ref("vm", &vm, VmMsg::Teardown, Duration::from_secs(120)).await??;
+    let (n, id) = (name.to_string(), id.map(str::to_string));
+    ask(
+        names::VMS,
+        |reply| VmsMsg::Remove { name: n, id, reply },
+        ASK,
+    )
+    .await?
 }
 
 async fn delete(name: &str, force: bool, rctx: &RequestCtx) -> Result<(), ErrorData> {
@@ -463,7 +581,7 @@ async fn delete(name: &str, force: bool, rctx: &RequestCtx) -> Result<(), ErrorD
         }
     }
     let t = Instant::now();
-    remove_vm(name, &vm).await?;
+    remove_vm(name, Some(&info.id)).await?;
     rctx.progress(
         "delete",
         format!(
@@ -498,11 +616,15 @@ async fn resolve(
                 )
             })?,
     };
-    let n = name.clone();
-    let image = match ask(
+    // Patiently: a registry being restarted costs a moment, not the create.
+    let image = match crate::ask::ask_patiently(
         names::IMAGES,
-        |reply| ImagesMsg::Get { name: n, reply },
+        |reply| ImagesMsg::Get {
+            name: name.clone(),
+            reply,
+        },
         ASK,
+        Duration::from_secs(10),
     )
     .await?
     {

@@ -13,6 +13,16 @@
 //! by the ImageRegistry's delete check) and, on start, removes what no VM
 //! owns: creates a daemon crash interrupted, VMM processes, TAPs, leases
 //! and DNS records of VMs that do not exist, and their directories.
+//!
+//! Its `pre_start` only reads the records, so the root supervisor (which
+//! waits for it) is never held up; the recovery work (undoing interrupted
+//! creates, the sweep, starting one supervisor per VM, each of which
+//! re-adopts its running VMM) runs in `post_start`, before the first
+//! request is served. When the manager itself is killed its children die
+//! with it; the next incarnation does the same recovery, so running VMMs
+//! are re-adopted, never booted twice. A supervisor that dies is respawned
+//! from a task (the manager's mailbox keeps answering meanwhile; requests
+//! for that VM get `Unavailable` until it is back).
 
 pub mod agent;
 pub mod boot;
@@ -22,18 +32,18 @@ pub mod record;
 pub mod recover;
 pub mod supervisor;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use banger_protocol::{ErrorData, ErrorKind, VmInfo, VmState};
+use banger_protocol::{ActorInfo, ActorStatus, ErrorData, ErrorKind, VmInfo, VmState};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::ask::ask;
+use crate::ask::{ask, ask_patiently};
 use crate::images::ImageUsers;
 use crate::names;
 use crate::network::dns::DnsMsg;
@@ -58,6 +68,9 @@ impl ImageUsers for VmImageUsers {
         self.0.borrow().get(image).cloned().unwrap_or_default()
     }
 }
+
+/// How long the manager waits for a freshly started supervisor's view.
+const ASK_CHILD: Duration = Duration::from_secs(10);
 
 pub fn registered_name(vm: &str) -> String {
     format!("vm:{vm}")
@@ -91,15 +104,29 @@ pub enum VmsMsg {
         requested_ip: Option<Ipv4Addr>,
         reply: RpcReplyPort<Result<ActorRef<VmMsg>, ErrorData>>,
     },
-    /// Forgets a torn-down VM: record, lease, supervisor.
+    /// Forgets a torn-down VM: record, lease, supervisor. With `id`, only
+    /// the VM of that id (a failed create cleans up its own VM, never a
+    /// later one of the same name); a VM that is already gone is no error.
     Remove {
         name: String,
+        id: Option<String>,
         reply: RpcReplyPort<Result<(), ErrorData>>,
     },
     /// A supervisor's latest view of its VM.
     Updated(Box<VmInfo>),
-    Respawn {
+    /// A respawn task's outcome: the new supervisor (after its recovery)
+    /// and its view of the VM.
+    Spawned {
         name: String,
+        result: Result<(ActorRef<VmMsg>, Option<Box<VmInfo>>), ErrorData>,
+    },
+    /// The VM supervisors, for `banger debug actors`.
+    Children(RpcReplyPort<Vec<ActorInfo>>),
+    /// Kills the supervisor registered as `vm:<name>` (`banger debug
+    /// kill-actor`); answers its registered name and the id it had.
+    KillChild {
+        name: String,
+        reply: RpcReplyPort<Result<(String, String), ErrorData>>,
     },
 }
 
@@ -122,9 +149,18 @@ pub struct VmsState {
     store: StoreClient,
     store_timeout: Duration,
     infos: BTreeMap<String, VmInfo>,
+    /// Live supervisors. A VM in `infos` but not here has its supervisor
+    /// being respawned.
     actors: HashMap<String, ActorRef<VmMsg>>,
+    /// Respawns in flight (a task is spawning the supervisor).
+    spawning: HashSet<String>,
+    /// Per VM: how often its supervisor was respawned, and since when the
+    /// current one runs (for `banger debug actors`).
+    lives: HashMap<String, (u32, Instant)>,
     pending: HashMap<String, (OpLog, CancellationToken)>,
     image_use: Arc<watch::Sender<ImageUse>>,
+    /// Records of creates a daemon crash interrupted, undone in `post_start`.
+    interrupted: Vec<VmRecord>,
 }
 
 fn lease_owner(name: &str) -> String {
@@ -142,30 +178,127 @@ impl VmsState {
         self.image_use.send_replace(map);
     }
 
+    fn vm_args(&self, name: &str) -> VmArgs {
+        VmArgs {
+            name: name.to_string(),
+            settings: self.settings.clone(),
+            store_timeout: self.store_timeout,
+        }
+    }
+
     async fn spawn_vm(
         &mut self,
         myself: &ActorRef<VmsMsg>,
         name: &str,
     ) -> Result<ActorRef<VmMsg>, ErrorData> {
-        let (actor, _) = Actor::spawn_linked(
-            Some(registered_name(name)),
-            VmSupervisor,
-            VmArgs {
-                name: name.to_string(),
-                settings: self.settings.clone(),
-                store_timeout: self.store_timeout,
-            },
-            myself.get_cell(),
-        )
-        .await
-        .map_err(|e| {
-            ErrorData::new(
-                ErrorKind::Internal,
-                format!("starting the supervisor of VM `{name}` failed: {e}"),
-            )
-        })?;
-        self.actors.insert(name.to_string(), actor.clone());
+        let actor = spawn_supervisor(myself, self.vm_args(name)).await?;
+        self.adopt_child(name, actor.clone(), false);
         Ok(actor)
+    }
+
+    /// Records a freshly started supervisor of `name`.
+    fn adopt_child(&mut self, name: &str, actor: ActorRef<VmMsg>, respawned: bool) {
+        self.actors.insert(name.to_string(), actor);
+        let life = self
+            .lives
+            .entry(name.to_string())
+            .or_insert((0, Instant::now()));
+        if respawned {
+            life.0 += 1;
+        }
+        life.1 = Instant::now();
+    }
+
+    /// Starts the supervisor of `name` from a task: its recovery (which may
+    /// kill a process or wait for a guest agent) never blocks this mailbox.
+    /// The outcome comes back as `Spawned`.
+    fn respawn(&mut self, myself: &ActorRef<VmsMsg>, name: String, delay: Duration) {
+        if !self.infos.contains_key(&name)
+            || self.actors.contains_key(&name)
+            || !self.spawning.insert(name.clone())
+        {
+            return;
+        }
+        let args = self.vm_args(&name);
+        let me = myself.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let result = match spawn_supervisor(&me, args).await {
+                Ok(actor) => {
+                    // Its view after recovery (the record may have changed).
+                    let info = crate::ask::ask_ref("vm", &actor, VmMsg::Info, ASK_CHILD)
+                        .await
+                        .ok()
+                        .map(Box::new);
+                    Ok((actor, info))
+                }
+                Err(e) => Err(e),
+            };
+            let _ = me.cast(VmsMsg::Spawned { name, result });
+        });
+    }
+
+    /// `Unavailable` for a VM whose supervisor is being respawned.
+    fn restarting(name: &str) -> ErrorData {
+        ErrorData::new(
+            ErrorKind::Unavailable,
+            format!("the supervisor of VM `{name}` is restarting"),
+        )
+        .with_hint("it re-adopts the VM within moments; retry the command")
+    }
+
+    fn children(&self) -> Vec<ActorInfo> {
+        self.infos
+            .keys()
+            .map(|name| {
+                let (restarts, since) =
+                    self.lives.get(name).copied().unwrap_or((0, Instant::now()));
+                let actor = self.actors.get(name);
+                ActorInfo {
+                    name: registered_name(name),
+                    id: actor.map(|a| a.get_id().to_string()).unwrap_or_default(),
+                    status: if actor.is_some() {
+                        ActorStatus::Running
+                    } else {
+                        ActorStatus::Restarting
+                    },
+                    parent: Some(names::VMS.to_string()),
+                    restart_count: restarts,
+                    uptime_ms: if actor.is_some() {
+                        since.elapsed().as_millis() as u64
+                    } else {
+                        0
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn kill_child(&mut self, registered: &str) -> Result<(String, String), ErrorData> {
+        let name = registered.strip_prefix("vm:").unwrap_or(registered);
+        if !self.infos.contains_key(name) {
+            let known: Vec<String> = self.infos.keys().map(|n| registered_name(n)).collect();
+            return Err(ErrorData::new(
+                ErrorKind::NotFound,
+                format!("no actor named `{registered}`"),
+            )
+            .with_hint(if known.is_empty() {
+                "there are no VMs, so no vm:<name> actors".to_string()
+            } else {
+                format!("VM supervisors: {}", known.join(", "))
+            }));
+        }
+        let Some(actor) = self.actors.get(name) else {
+            return Err(ErrorData::new(
+                ErrorKind::InvalidState,
+                format!("the {registered} actor is restarting and not running"),
+            )
+            .with_hint("wait for the VM manager to respawn it (see `banger debug actors`)"));
+        };
+        let id = actor.get_id().to_string();
+        warn!(actor = %registered, %id, "killing actor on request");
+        actor.kill();
+        Ok((registered_name(name), id))
     }
 
     fn ensure_free(&self, name: &str) -> Result<(), ErrorData> {
@@ -184,6 +317,40 @@ impl VmsState {
             .with_hint(format!("follow it with `banger vm watch {name}`")));
         }
         Ok(())
+    }
+}
+
+/// Spawns the supervisor of VM `args.name`, linked to the manager. The
+/// name may still be registered for a moment by a supervisor that was just
+/// stopped (the VM was deleted and is being made again) or killed: that is
+/// waited out for up to 2 s.
+async fn spawn_supervisor(
+    myself: &ActorRef<VmsMsg>,
+    args: VmArgs,
+) -> Result<ActorRef<VmMsg>, ErrorData> {
+    let name = args.name.clone();
+    let mut tries = 0;
+    loop {
+        match Actor::spawn_linked(
+            Some(registered_name(&name)),
+            VmSupervisor,
+            args.clone(),
+            myself.get_cell(),
+        )
+        .await
+        {
+            Ok((actor, _)) => return Ok(actor),
+            Err(ractor::SpawnErr::ActorAlreadyRegistered(_)) if tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(ErrorData::new(
+                    ErrorKind::Internal,
+                    format!("starting the supervisor of VM `{name}` failed: {e}"),
+                ))
+            }
+        }
     }
 }
 
@@ -208,14 +375,8 @@ async fn undo_create(rec: &VmRecord, settings: &VmSettings, store: &StoreClient)
     r.state = VmState::Failed;
     recover::recover(&mut r, settings).await;
     let _ = recover::remove_files(rec, settings).await;
-    let owner = lease_owner(&rec.name);
-    let _ = ask(
-        names::TAPS,
-        |reply| TapsMsg::Unreserve { owner, reply },
-        Duration::from_secs(10),
-    )
-    .await;
-    let _ = store.delete(record::TREE, rec.name.as_bytes()).await;
+    undo_lease(&rec.name).await;
+    forget_record(store, &rec.name).await;
 }
 
 /// Removes VM leftovers that no record owns.
@@ -248,42 +409,37 @@ async fn sweep_orphans(settings: &VmSettings, known: &[VmRecord]) {
             }
         }
     }
-    let timeout = Duration::from_secs(10);
-    if let Ok(status) = ask(names::TAPS, TapsMsg::Status, timeout).await {
-        for lease in status.pool.in_use {
-            if let Some(vm) = lease.owner.strip_prefix("vm:") {
-                if !names.contains(vm) {
-                    let tap = lease.tap;
-                    let _ = ask(
-                        names::TAPS,
-                        |reply| TapsMsg::Release { tap, reply },
-                        timeout,
-                    )
-                    .await;
+    // TAPs, leases and DNS records of unknown VMs (waiting out a restart of
+    // the TapPool or DNS actor, as recovery does).
+    let (timeout, patience) = (Duration::from_secs(10), Duration::from_secs(15));
+    match ask_patiently(names::TAPS, TapsMsg::Status, timeout, patience).await {
+        Ok(status) => {
+            for lease in status.pool.in_use {
+                if let Some(vm) = lease.owner.strip_prefix("vm:") {
+                    if !names.contains(vm) {
+                        recover::release_tap(vm, &lease.tap).await;
+                    }
+                }
+            }
+            for lease in status.leases {
+                if let Some(vm) = lease.owner.strip_prefix("vm:") {
+                    if !names.contains(vm) {
+                        recover::release_lease(vm).await;
+                    }
                 }
             }
         }
-        for lease in status.leases {
-            if let Some(vm) = lease.owner.strip_prefix("vm:") {
-                if !names.contains(vm) {
-                    let owner = lease.owner.clone();
-                    let _ = ask(
-                        names::TAPS,
-                        |reply| TapsMsg::Unreserve { owner, reply },
-                        timeout,
-                    )
-                    .await;
-                }
-            }
-        }
+        Err(e) => warn!(error = %e, "cannot sweep TAPs and leases"),
     }
-    if let Ok(status) = ask(names::DNS, DnsMsg::Status, timeout).await {
-        for record in status.records {
-            if record.source == "vm" && !names.contains(&record.name) {
-                let name = record.name;
-                let _ = ask(names::DNS, |reply| DnsMsg::Remove { name, reply }, timeout).await;
+    match ask_patiently(names::DNS, DnsMsg::Status, timeout, patience).await {
+        Ok(status) => {
+            for record in status.records {
+                if record.source == "vm" && !names.contains(&record.name) {
+                    recover::withdraw_dns(&record.name).await;
+                }
             }
         }
+        Err(e) => warn!(error = %e, "cannot sweep DNS records"),
     }
 }
 
@@ -292,45 +448,84 @@ impl Actor for VmManager {
     type State = VmsState;
     type Arguments = VmsArgs;
 
+    /// Only reads the records: the slow recovery runs in `post_start`.
     async fn pre_start(
         &self,
-        myself: ActorRef<VmsMsg>,
+        _myself: ActorRef<VmsMsg>,
         args: VmsArgs,
     ) -> Result<VmsState, ActorProcessingErr> {
         let store = StoreClient::new(args.store_timeout);
-        let mut records = load_records(&store).await?;
-        let mut kept = Vec::new();
-        for rec in records.drain(..) {
-            let interrupted = !rec.ever_running
-                && matches!(rec.state, VmState::Created | VmState::Starting)
-                && rec.created_unix_ms < args.daemon_started_unix_ms;
-            if interrupted {
-                undo_create(&rec, &args.settings, &store).await;
-            } else {
-                kept.push(rec);
-            }
-        }
-        sweep_orphans(&args.settings, &kept).await;
+        let records = load_records(&store).await?;
         let mut state = VmsState {
             settings: args.settings,
             store,
             store_timeout: args.store_timeout,
             infos: BTreeMap::new(),
             actors: HashMap::new(),
+            spawning: HashSet::new(),
+            lives: HashMap::new(),
             pending: HashMap::new(),
             image_use: args.image_use,
+            interrupted: Vec::new(),
         };
-        for rec in &kept {
-            state
-                .infos
-                .insert(rec.name.clone(), rec.info(&state.settings));
-            if let Err(e) = state.spawn_vm(&myself, &rec.name).await {
-                warn!(vm = %rec.name, error = %e, "VM supervisor failed to start");
+        for rec in records {
+            // A VM that never ran, made before this daemon started, belongs
+            // to a create that a crash interrupted. (Creates of this daemon
+            // still have their create job, which finishes or undoes them.)
+            let interrupted = !rec.ever_running
+                && matches!(rec.state, VmState::Created | VmState::Starting)
+                && rec.created_unix_ms < args.daemon_started_unix_ms;
+            if interrupted {
+                state.interrupted.push(rec);
+            } else {
+                state
+                    .infos
+                    .insert(rec.name.clone(), rec.info(&state.settings));
+            }
+        }
+        Ok(state)
+    }
+
+    /// Recovery, before the first message is handled: undoes interrupted
+    /// creates, removes what no VM owns, and starts one supervisor per VM
+    /// (each re-adopts its VMM or records that it is gone).
+    async fn post_start(
+        &self,
+        myself: ActorRef<VmsMsg>,
+        state: &mut VmsState,
+    ) -> Result<(), ActorProcessingErr> {
+        for rec in std::mem::take(&mut state.interrupted) {
+            undo_create(&rec, &state.settings, &state.store).await;
+        }
+        let kept: Vec<VmRecord> = load_records(&state.store)
+            .await?
+            .into_iter()
+            .filter(|r| state.infos.contains_key(&r.name))
+            .collect();
+        sweep_orphans(&state.settings, &kept).await;
+        let names: Vec<String> = state.infos.keys().cloned().collect();
+        for name in names {
+            match state.spawn_vm(&myself, &name).await {
+                Ok(actor) => {
+                    // Its view after recovery, so that `vm list` never shows
+                    // the stale state of the record.
+                    if let Ok(info) =
+                        crate::ask::ask_ref("vm", &actor, VmMsg::Info, ASK_CHILD).await
+                    {
+                        state.infos.insert(name.clone(), info);
+                    }
+                }
+                Err(e) => {
+                    // E.g. the previous incarnation's supervisor still holds
+                    // the name for a moment.
+                    warn!(vm = %name, error = %e, "VM supervisor failed to start; retrying");
+                    state.respawn(&myself, name, Duration::from_millis(200));
+                }
             }
         }
         state.publish_image_use();
-        info!(vms = kept.len(), "VM manager ready");
-        Ok(state)
+        info!(vms = state.infos.len(), "VM manager ready");
+        Ok(())
     }
 
     async fn handle(
@@ -344,18 +539,20 @@ impl Actor for VmManager {
                 let _ = reply.send(state.infos.values().cloned().collect());
             }
             VmsMsg::Get { name, reply } => {
-                let r = state.actors.get(&name).cloned().ok_or_else(|| {
-                    if state.pending.contains_key(&name) {
-                        ErrorData::new(
-                            ErrorKind::InvalidState,
-                            format!("VM `{name}` is still being created"),
-                        )
-                        .with_hint(format!("follow it with `banger vm watch {name}`"))
-                    } else {
-                        ErrorData::new(ErrorKind::NotFound, format!("no VM named `{name}`"))
-                            .with_hint("see `banger vm list`")
-                    }
-                });
+                let r = match state.actors.get(&name) {
+                    Some(actor) => Ok(actor.clone()),
+                    None if state.infos.contains_key(&name) => Err(VmsState::restarting(&name)),
+                    None if state.pending.contains_key(&name) => Err(ErrorData::new(
+                        ErrorKind::InvalidState,
+                        format!("VM `{name}` is still being created"),
+                    )
+                    .with_hint(format!("follow it with `banger vm watch {name}`"))),
+                    None => Err(ErrorData::new(
+                        ErrorKind::NotFound,
+                        format!("no VM named `{name}`"),
+                    )
+                    .with_hint("see `banger vm list`")),
+                };
                 let _ = reply.send(r);
             }
             VmsMsg::Claim {
@@ -389,26 +586,40 @@ impl Actor for VmManager {
                     }
                     if state.settings.network {
                         let owner = lease_owner(&name);
-                        let lease = ask(
+                        let lease = match ask(
                             names::TAPS,
                             |reply| TapsMsg::Reserve { owner, ip: requested_ip, reply },
                             state.store_timeout,
                         )
-                        .await??;
+                        .await
+                        {
+                            Ok(r) => r?,
+                            Err(e) => {
+                                // The answer was lost: the lease may exist.
+                                undo_lease(&name).await;
+                                return Err(e);
+                            }
+                        };
                         rec.ip = Some(lease.ip);
                     } else if requested_ip.is_some() {
                         return Err(ErrorData::new(ErrorKind::InvalidRequest, "--ip needs guest networking, which is disabled ([network] enabled = false)"));
                     }
                     if let Err(e) = state.store.put(record::TREE, name.as_bytes(), &rec).await {
+                        // The store may have written it before it failed to
+                        // answer: a record nobody knows would come back as a
+                        // VM with the next start of this manager.
+                        forget_record(&state.store, &name).await;
                         undo_lease(&name).await;
                         return Err(e);
                     }
                     state.infos.insert(name.clone(), rec.info(&state.settings));
+                    state.lives.remove(&name);
                     match state.spawn_vm(&myself, &name).await {
                         Ok(actor) => Ok(actor),
                         Err(e) => {
                             state.infos.remove(&name);
-                            let _ = state.store.delete(record::TREE, name.as_bytes()).await;
+                            state.lives.remove(&name);
+                            forget_record(&state.store, &name).await;
                             undo_lease(&name).await;
                             Err(e)
                         }
@@ -418,7 +629,17 @@ impl Actor for VmManager {
                 state.publish_image_use();
                 let _ = reply.send(r);
             }
-            VmsMsg::Remove { name, reply } => {
+            VmsMsg::Remove { name, id, reply } => {
+                // Already gone (a retried remove), or another VM of that
+                // name: nothing to do.
+                let ours = state
+                    .infos
+                    .get(&name)
+                    .is_some_and(|info| id.as_ref().is_none_or(|id| info.id == *id));
+                if !ours {
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
                 let r = async {
                     state.store.delete(record::TREE, name.as_bytes()).await?;
                     undo_lease(&name).await;
@@ -427,6 +648,7 @@ impl Actor for VmManager {
                 .await;
                 if r.is_ok() {
                     state.infos.remove(&name);
+                    state.lives.remove(&name);
                     if let Some(actor) = state.actors.remove(&name) {
                         actor.stop(Some("deleted".into()));
                     }
@@ -435,24 +657,45 @@ impl Actor for VmManager {
                 let _ = reply.send(r);
             }
             VmsMsg::Updated(info) => {
-                if state.actors.contains_key(&info.name) {
+                // From the VM's current supervisor, or one being respawned
+                // (its recovery reports before `Spawned` arrives); never
+                // from a deleted VM, nor from another VM of the same name.
+                if state
+                    .infos
+                    .get(&info.name)
+                    .is_some_and(|known| known.id == info.id)
+                {
                     state.infos.insert(info.name.clone(), *info);
                     state.publish_image_use();
                 }
             }
-            VmsMsg::Respawn { name } => {
-                // Still a VM (not deleted meanwhile)?
-                if state.infos.contains_key(&name) {
-                    state.actors.remove(&name);
-                    if let Err(e) = state.spawn_vm(&myself, &name).await {
-                        warn!(vm = %name, error = %e, "respawning the VM supervisor failed; retrying");
-                        let me = myself.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            let _ = me.cast(VmsMsg::Respawn { name });
-                        });
+            VmsMsg::Spawned { name, result } => {
+                state.spawning.remove(&name);
+                match result {
+                    Ok((actor, info)) if state.infos.contains_key(&name) => {
+                        info!(vm = %name, id = %actor.get_id(), "VM supervisor respawned");
+                        state.adopt_child(&name, actor, true);
+                        if let Some(info) = info {
+                            if state.infos.get(&name).is_some_and(|k| k.id == info.id) {
+                                state.infos.insert(name, *info);
+                            }
+                        }
+                        state.publish_image_use();
                     }
+                    // Deleted meanwhile.
+                    Ok((actor, _)) => actor.stop(Some("deleted".into())),
+                    Err(e) if state.infos.contains_key(&name) => {
+                        warn!(vm = %name, error = %e, "respawning the VM supervisor failed; retrying");
+                        state.respawn(&myself, name, Duration::from_secs(1));
+                    }
+                    Err(_) => {}
                 }
+            }
+            VmsMsg::Children(reply) => {
+                let _ = reply.send(state.children());
+            }
+            VmsMsg::KillChild { name, reply } => {
+                let _ = reply.send(state.kill_child(&name));
             }
         }
         Ok(())
@@ -476,30 +719,41 @@ impl Actor for VmManager {
             .iter()
             .find(|(_, a)| a.get_id() == cell.get_id())
             .map(|(n, _)| n.clone());
-        if let Some(name) = name {
-            if reason == "deleted" {
-                return Ok(());
-            }
-            warn!(vm = %name, %reason, "VM supervisor died; respawning it");
-            // A moment for the registry to free the name.
-            let me = myself.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let _ = me.cast(VmsMsg::Respawn { name });
-            });
+        // Not a current supervisor: a deleted VM's, or one already replaced.
+        let Some(name) = name else {
+            return Ok(());
+        };
+        state.actors.remove(&name);
+        if reason == "deleted" {
+            return Ok(());
         }
+        warn!(vm = %name, %reason, "VM supervisor died; respawning it");
+        // A moment for the registry to free the name.
+        state.respawn(&myself, name, Duration::from_millis(100));
         Ok(())
     }
 }
 
+/// Deletes the record of `name`, waiting out a restart of the store (up
+/// to 15 s).
+async fn forget_record(store: &StoreClient, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match store.delete(record::TREE, name.as_bytes()).await {
+            Err(e) if e.kind == ErrorKind::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %e, "deleting the VM record failed");
+                return;
+            }
+            Ok(_) => return,
+        }
+    }
+}
+
 async fn undo_lease(name: &str) {
-    let owner = lease_owner(name);
-    let _ = ask(
-        names::TAPS,
-        |reply| TapsMsg::Unreserve { owner, reply },
-        Duration::from_secs(10),
-    )
-    .await;
+    recover::release_lease(name).await;
 }
 
 #[cfg(test)]

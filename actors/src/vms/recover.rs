@@ -5,14 +5,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use banger_protocol::{ErrorData, ErrorKind, VmState};
+use banger_protocol::{DnsRecord, ErrorData, ErrorKind, VmState};
 use banger_vmm::{ProcessId, VmmHandle};
 use tracing::{info, warn};
 
+use super::agent::AgentConn;
 use super::boot;
 use super::record::{VmRecord, VmSettings};
-use crate::ask::ask;
+use crate::ask::{ask, ask_patiently};
 use crate::names;
+use crate::network::dns::DnsMsg;
 use crate::network::taps::TapsMsg;
 
 /// Live processes whose command line mentions `needle` (a VM's run dir,
@@ -43,9 +45,15 @@ pub fn processes_mentioning(needle: &str) -> Vec<ProcessId> {
     found
 }
 
-/// TAPs the pool has handed to `owner`.
-async fn taps_owned_by(owner: &str) -> Vec<String> {
-    match ask(names::TAPS, TapsMsg::Status, Duration::from_secs(10)).await {
+/// How long recovery and cleanup wait out a restart of the TapPool or the
+/// DNS actor: what they give back must not stay taken because that actor
+/// was being restarted at that moment.
+const PATIENCE: Duration = Duration::from_secs(15);
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TAPs the pool has handed to `owner` (none when the pool does not answer).
+pub(crate) async fn taps_owned_by(owner: &str) -> Vec<String> {
+    match ask_patiently(names::TAPS, TapsMsg::Status, ASK_TIMEOUT, PATIENCE).await {
         Ok(status) => status
             .pool
             .in_use
@@ -53,30 +61,111 @@ async fn taps_owned_by(owner: &str) -> Vec<String> {
             .filter(|l| l.owner == owner)
             .map(|l| l.tap)
             .collect(),
-        Err(_) => Vec::new(),
+        Err(e) => {
+            warn!(%owner, error = %e, "cannot see the TAPs handed out");
+            Vec::new()
+        }
+    }
+}
+
+/// Gives `tap` back to the pool (already given back: fine).
+pub(crate) async fn release_tap(vm: &str, tap: &str) {
+    let r = ask_patiently(
+        names::TAPS,
+        |reply| TapsMsg::Release {
+            tap: tap.to_string(),
+            reply,
+        },
+        ASK_TIMEOUT,
+        PATIENCE,
+    )
+    .await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind == ErrorKind::NotFound => {}
+        Ok(Err(e)) | Err(e) => warn!(%vm, %tap, error = %e, "releasing the TAP failed"),
+    }
+}
+
+/// Withdraws the `<vm>.vm` DNS record (none: fine).
+pub(crate) async fn withdraw_dns(vm: &str) {
+    let r = ask_patiently(
+        names::DNS,
+        |reply| DnsMsg::Remove {
+            name: vm.to_string(),
+            reply,
+        },
+        ASK_TIMEOUT,
+        PATIENCE,
+    )
+    .await;
+    if let Ok(Err(e)) | Err(e) = r {
+        warn!(%vm, error = %e, "withdrawing the DNS record failed");
+    }
+}
+
+/// Gives back the address lease of `vm` (none: fine).
+pub(crate) async fn release_lease(vm: &str) {
+    let r = ask_patiently(
+        names::TAPS,
+        |reply| TapsMsg::Unreserve {
+            owner: format!("vm:{vm}"),
+            reply,
+        },
+        ASK_TIMEOUT,
+        PATIENCE,
+    )
+    .await;
+    if let Ok(Err(e)) | Err(e) = r {
+        warn!(%vm, error = %e, "releasing the address lease failed");
     }
 }
 
 /// Reconciles `rec` with the host. Returns the adopted VMM when the VM is
 /// still running; otherwise every process, TAP and DNS record of the VM
 /// is removed and the state says what happened.
+///
+/// A VM is adopted when its record says `running`, or says `starting` or
+/// `created` (a boot whose end, or whose record updates, a restart cut
+/// off) and its guest agent answers: then it is `running` again. The VMM
+/// is the process the record names; when the record has none (its update
+/// was lost) the one live process of the VM's run dir. An adopted VM's
+/// DNS record is published again (idempotent; it may have been lost with
+/// the DNS actor), and its TAP is the record's or the one the pool handed
+/// to it.
 pub async fn recover(rec: &mut VmRecord, settings: &VmSettings) -> Option<Arc<dyn VmmHandle>> {
     let run_dir = settings.vm_run_dir(&rec.id);
     let procs = processes_mentioning(&run_dir.display().to_string());
     let mut adopted = None;
-    if rec.state == VmState::Running {
-        if let Some(p) = rec.process.filter(|p| procs.contains(p)) {
-            let spec = boot::machine_spec(rec, settings, Vec::new());
-            match boot::backend(rec.vmm, settings) {
-                Ok(backend) => match backend.adopt(&spec, p).await {
-                    Ok(handle) => {
-                        info!(vm = %rec.name, pid = p.pid, "re-adopted the running VMM");
+    let candidate = rec
+        .process
+        .filter(|p| procs.contains(p))
+        .or_else(|| (procs.len() == 1).then(|| procs[0]));
+    let adoptable = rec.state == VmState::Running
+        || (matches!(rec.state, VmState::Starting | VmState::Created) && rec.has_agent);
+    if let (true, Some(p)) = (adoptable, candidate) {
+        let spec = boot::machine_spec(rec, settings, Vec::new());
+        match boot::backend(rec.vmm, settings) {
+            Ok(backend) => match backend.adopt(&spec, p).await {
+                Ok(handle) if rec.state != VmState::Running => {
+                    if agent_answers(&*handle).await {
+                        info!(vm = %rec.name, pid = p.pid, "re-adopted a VMM whose boot was cut off: its guest agent is up");
+                        rec.state = VmState::Running;
+                        rec.ever_running = true;
+                        rec.last_error = None;
+                        rec.started_unix_ms.get_or_insert_with(crate::unix_ms);
                         adopted = Some(handle);
+                    } else {
+                        warn!(vm = %rec.name, pid = p.pid, "the VM was still booting when its supervisor stopped; killing its VMM");
                     }
-                    Err(e) => warn!(vm = %rec.name, error = %e, "cannot adopt the VMM; killing it"),
-                },
-                Err(e) => warn!(vm = %rec.name, error = %e, "no backend to adopt the VMM"),
-            }
+                }
+                Ok(handle) => {
+                    info!(vm = %rec.name, pid = p.pid, "re-adopted the running VMM");
+                    adopted = Some(handle);
+                }
+                Err(e) => warn!(vm = %rec.name, error = %e, "cannot adopt the VMM; killing it"),
+            },
+            Err(e) => warn!(vm = %rec.name, error = %e, "no backend to adopt the VMM"),
         }
     }
     for p in procs {
@@ -88,7 +177,35 @@ pub async fn recover(rec: &mut VmRecord, settings: &VmSettings) -> Option<Arc<dy
             banger_vmm::process::kill_and_wait(p).await;
         }
     }
-    if adopted.is_some() {
+    if let Some(handle) = &adopted {
+        rec.process = Some(handle.process());
+        // The TAP the VMM uses is the record's; when the record lost it,
+        // the one the pool handed to this VM. Any other TAP handed to it
+        // is a leftover of an earlier boot.
+        let mut taps = taps_owned_by(&format!("vm:{}", rec.name)).await;
+        if rec.tap.is_none() && taps.len() == 1 {
+            rec.tap = taps.pop();
+        }
+        for tap in taps {
+            if rec.tap.as_ref() != Some(&tap) {
+                warn!(vm = %rec.name, %tap, "releasing a TAP the running VM does not use");
+                release_tap(&rec.name, &tap).await;
+            }
+        }
+        if let Some(ip) = rec.ip {
+            let record = DnsRecord {
+                name: rec.name.clone(),
+                ip,
+                source: "vm".into(),
+            };
+            // DNS disabled or down: the VM is still usable by address.
+            let _ = ask(
+                names::DNS,
+                |reply| DnsMsg::Set { record, reply },
+                Duration::from_secs(10),
+            )
+            .await;
+        }
         return adopted;
     }
     // Nothing runs: give back what a running VM holds.
@@ -100,9 +217,9 @@ pub async fn recover(rec: &mut VmRecord, settings: &VmSettings) -> Option<Arc<dy
         }
     }
     for tap in taps {
-        boot::undo_network(&rec.name, Some(tap), false).await;
+        release_tap(&rec.name, &tap).await;
     }
-    boot::undo_network(&rec.name, None, true).await;
+    withdraw_dns(&rec.name).await;
     let had_process = rec.process.take().is_some();
     rec.state = match rec.state {
         VmState::Running | VmState::Starting if rec.ever_running => {
@@ -121,6 +238,26 @@ pub async fn recover(rec: &mut VmRecord, settings: &VmSettings) -> Option<Arc<dy
         other => other,
     };
     None
+}
+
+/// Whether the guest agent behind `handle` answers a hello (a few tries:
+/// a hello sent before the guest opened its end of the port is lost).
+async fn agent_answers(handle: &dyn VmmHandle) -> bool {
+    let probe = async {
+        let stream = handle.connect_agent().await.ok()?;
+        let conn = AgentConn::start(stream);
+        for _ in 0..3 {
+            if conn.client.hello(Duration::from_secs(1)).await.is_ok() {
+                return Some(());
+            }
+        }
+        None
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
 }
 
 /// Removes a VM's disks, logs and run dir.
