@@ -33,6 +33,12 @@ pub struct Cli {
     #[arg(long)]
     pub fake_poweroff: bool,
 
+    /// Mount the work disk (ext4 labelled `banger-work`) on /root if it is
+    /// attached and /root is not a mount point yet, then exit: the
+    /// `ExecStartPre` of the systemd unit (as init the agent does it itself).
+    #[arg(long)]
+    pub mount_work_disk: bool,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing directive).
     #[arg(long, default_value = "info", value_name = "FILTER")]
     pub log: String,

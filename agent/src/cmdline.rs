@@ -1,7 +1,9 @@
 //! The kernel command line: splitting it like the kernel does and reading
 //! banger's keys ([`banger_protocol::agent::cmdline`]) into a
-//! [`BootConfig`]. Only init mode uses it; under systemd the same settings
-//! come from `ip=`/`nameserver=`/`systemd.hostname=`.
+//! [`BootConfig`]. Init mode applies all of it; under systemd the network
+//! and the running hostname come from `ip=`/`nameserver=`/`systemd.hostname=`
+//! and the agent only writes the name and resolvers into `/etc`
+//! ([`crate::identity`]).
 
 use banger_protocol::agent::cmdline as keys;
 use std::collections::HashMap;

@@ -17,7 +17,7 @@ use crate::cmdline::BootConfig;
 use crate::context::{AgentContext, PowerMode};
 use crate::exec::{error_chain, DEFAULT_PATH};
 use crate::power::{self, PowerAction};
-use crate::{ext4, modules, netconf, reaper, sshd, transport};
+use crate::{ext4, identity, modules, netconf, reaper, sshd, transport};
 use std::ffi::CString;
 use std::io;
 use std::path::Path;
@@ -220,6 +220,8 @@ async fn boot_and_serve(cli: &Cli) -> io::Result<PowerAction> {
             warn!(hostname = %name, "cannot set hostname: {e}");
         }
     }
+    // /etc/hostname and /etc/hosts; resolv.conf follows the network below.
+    identity::apply(&cfg, Path::new("/etc"), false);
 
     let loaded = tokio::task::spawn_blocking(load_modules).await;
     if let Err(e) = loaded {
@@ -338,7 +340,9 @@ fn load_modules() {
 
 /// Mounts the `banger-work` disk on `/root` unless something is there.
 /// The disk may still be probing: a few short retries.
-fn mount_work_disk() -> io::Result<Option<String>> {
+/// Mounts the work disk on `/root` unless `/root` is a mount point
+/// already; the device, or `None` when no work disk is attached.
+pub fn mount_work_disk() -> io::Result<Option<String>> {
     if is_mount_point("/root") {
         return Ok(None);
     }

@@ -11,7 +11,8 @@
 //! When it is PID 1 (images without an init) it also boots the guest
 //! ([`init`]): mounts, kernel modules ([`modules`]), network ([`netconf`]),
 //! the work disk ([`ext4`]), sshd, and a clean power off; and it reaps every
-//! orphan ([`reaper`]).
+//! orphan ([`reaper`]). In both modes it writes the VM's name (and, under
+//! systemd, its resolvers) into `/etc` ([`identity`]).
 
 pub mod cli;
 pub mod cmdline;
@@ -20,6 +21,7 @@ pub mod exec;
 pub mod ext4;
 pub mod fdio;
 pub mod health;
+pub mod identity;
 pub mod init;
 pub mod log;
 pub mod modules;

@@ -14,5 +14,8 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     banger_agent::log::init(&cli.log, false);
+    if cli.mount_work_disk {
+        return banger_agent::service::mount_work_disk();
+    }
     banger_agent::service::run(cli)
 }

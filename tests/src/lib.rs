@@ -4,7 +4,9 @@
 //! banger installation.
 //!
 //! - [`TestDaemon`] owns one daemon (and its temp dirs) for its lifetime:
-//!   start, signal, restart, run the `banger` CLI against it, read its logs.
+//!   start, signal, restart (also into a network namespace of its own:
+//!   [`TestDaemon::move_into_netns`]), run the `banger` CLI against it (in
+//!   that namespace: [`TestDaemon::banger_in_netns`]), read its logs.
 //!   Dropping it kills whatever daemon still runs on its dirs.
 //! - [`RawConnection`] speaks frames by hand, for malformed-input tests.
 //! - [`wait`] polls for a condition with a deadline instead of sleeping.
@@ -224,6 +226,37 @@ impl TestDaemon {
         cmd
     }
 
+    /// A `banger` command that runs inside the daemon's network namespace
+    /// (`ip netns exec`), so what the CLI starts (the system `ssh`) reaches
+    /// the guests. Panics without a namespace.
+    pub fn banger_command_in_netns<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let ns = self
+            .netns
+            .as_ref()
+            .expect("this daemon has no namespace: use netns() or move_into_netns()");
+        let mut cmd = ns.command(bin_path("banger"));
+        cmd.args(args);
+        self.apply_env(&mut cmd);
+        cmd.env("BANGERD", bin_path("bangerd"));
+        cmd
+    }
+
+    /// Runs the real `banger` CLI inside the daemon's network namespace
+    /// (stdin is not a terminal) and returns its output. Panics if it runs
+    /// longer than `timeout`.
+    pub fn banger_in_netns<I, S>(&self, args: I, timeout: Duration) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let cmd = self.banger_command_in_netns(args);
+        self.run_command(cmd, timeout)
+    }
+
     fn apply_env(&self, cmd: &mut Command) {
         cmd.env_remove("RUST_LOG");
         for (k, v) in self.env() {
@@ -361,6 +394,34 @@ impl TestDaemon {
     /// How many times this harness started `bangerd`.
     pub fn launches(&self) -> u32 {
         self.launches
+    }
+
+    /// Starts the daemon again on the same directories, now inside a fresh
+    /// network namespace owned by this test and with networking enabled:
+    /// for a test that needs the host's network first (the golden image
+    /// build reaches Debian's archive) and guests afterwards. The daemon
+    /// must have exited and must not have had a namespace. `config.toml`
+    /// is replaced by `config` (whose `[network]` defaults, not the test
+    /// defaults, apply), plus a free DNS port unless `config` sets `[dns]`.
+    pub fn move_into_netns(&mut self, config: &str) {
+        assert!(
+            !self.is_running(),
+            "bangerd is still running; stop it before moving it into a namespace"
+        );
+        if let Some(pid) = self.lock_file_pid() {
+            assert!(
+                !self.owns_process(pid),
+                "a bangerd (pid {pid}) still runs on these directories"
+            );
+        }
+        assert!(self.netns.is_none(), "the daemon already has a namespace");
+        let mut text = config.to_string();
+        if !config.contains("[dns]") {
+            text.push_str("\n[dns]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        fs::write(self.paths().config_file(), text).expect("rewrite config.toml");
+        self.netns = Some(netns::NetNs::create());
+        self.launch();
     }
 
     /// A handshaken client. Panics if the daemon does not accept one.

@@ -9,6 +9,12 @@
 //!   `ip=` / `nameserver=` kernel parameters banger passes to each VM
 //!   configure its NIC (matched by the name the kernel gives it);
 //! - `/etc/banger/image.json` describing the image;
+//! - no SSH host keys: the image's are deleted, and each VM makes its own
+//!   on first boot (under systemd, `banger-ssh-host-keys.service` makes an
+//!   ed25519 key before sshd; as init, the agent runs `ssh-keygen -A`);
+//! - the guest agent (when bangerd has one): `init=` for images without
+//!   systemd, else `banger-agent.service`, which also mounts the work disk
+//!   on `/root` (without the agent, an `/etc/fstab` line does);
 //!
 //! and builds the **work seed**: a small ext4 image of the tree's `/root`
 //! that each VM's work disk is cloned from.
@@ -247,7 +253,9 @@ pub const AGENT_PATH: &str = "usr/local/bin/banger-agent";
 
 /// The systemd unit that runs the agent. It starts early (no default
 /// dependencies) so that health answers while the rest of the system
-/// boots.
+/// boots. Before it starts, and so before `sysinit.target` and every
+/// service, it mounts the work disk on `/root` (found in sysfs: udev may
+/// take longer than any sane device timeout under TCG).
 pub const AGENT_UNIT: &str = "[Unit]
 Description=banger guest agent
 DefaultDependencies=no
@@ -256,6 +264,7 @@ Before=sysinit.target shutdown.target
 Conflicts=shutdown.target
 
 [Service]
+ExecStartPre=-/usr/local/bin/banger-agent --mount-work-disk
 ExecStart=/usr/local/bin/banger-agent
 Restart=always
 RestartSec=1
@@ -265,10 +274,32 @@ KillMode=process
 WantedBy=sysinit.target
 ";
 
-/// The work disk on `/root` (systemd images; the agent mounts it itself
-/// when it is init).
+/// Generates the VM's SSH host key before its sshd starts (systemd
+/// images; the agent does this itself when it is init). Images carry no
+/// host keys (see [`remove_host_keys`]), so every VM gets its own on its
+/// first boot; it lives on the VM's root disk from then on. Only ed25519:
+/// an RSA key takes over 30 s to make on an emulated (TCG) CPU, and sshd
+/// skips the default key files that do not exist.
+pub const HOST_KEYS_UNIT: &str = "[Unit]
+Description=banger: SSH host key of this VM
+Before=ssh.service sshd.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key
+
+[Install]
+WantedBy=ssh.service sshd.service
+";
+
+const HOST_KEYS_UNIT_NAME: &str = "banger-ssh-host-keys.service";
+
+/// The work disk on `/root` for systemd images without the agent (the
+/// agent mounts it, as init and as a service). `nofail`: a VM whose disk
+/// does not show up still boots.
 pub const WORK_FSTAB: &str =
-    "LABEL=banger-work /root ext4 defaults,nofail,x-systemd.device-timeout=10s 0 2\n";
+    "LABEL=banger-work /root ext4 defaults,nofail,x-systemd.device-timeout=3min 0 2\n";
 
 fn install_agent(root: &Dir, agent: &Path, facts: &TreeFacts) -> Result<(), ErrorData> {
     let bytes = std::fs::read(agent).map_err(internal(format!(
@@ -290,6 +321,73 @@ fn install_agent(root: &Dir, agent: &Path, facts: &TreeFacts) -> Result<(), Erro
         if root.symlink_metadata(link).is_err() {
             root.symlink("../banger-agent.service", link)
                 .map_err(internal("enabling banger-agent.service"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the SSH host keys the image came with (Debian's openssh-server
+/// makes them when it is installed, i.e. at build time): every VM of the
+/// image would share them, and any one of them could impersonate the
+/// others. Returns how many files went.
+fn remove_host_keys(root: &Dir) -> Result<usize, ErrorData> {
+    let Ok(meta) = root.symlink_metadata("etc/ssh") else {
+        return Ok(0);
+    };
+    if !meta.is_dir() {
+        return Ok(0);
+    }
+    let dir = root
+        .open_dir("etc/ssh")
+        .map_err(internal("opening /etc/ssh in the image"))?;
+    let mut removed = 0;
+    for entry in dir
+        .entries()
+        .map_err(internal("listing /etc/ssh in the image"))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_key =
+            name.starts_with("ssh_host_") && (name.ends_with("_key") || name.ends_with("_key.pub"));
+        if is_key && !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            dir.remove_file(&name)
+                .map_err(internal(format!("removing /etc/ssh/{name} from the image")))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Installs [`HOST_KEYS_UNIT`], wanted by the image's sshd unit.
+fn install_host_keys_unit(root: &Dir) -> Result<(), ErrorData> {
+    let units: Vec<&str> = ["ssh.service", "sshd.service"]
+        .into_iter()
+        .filter(|u| {
+            [
+                "lib/systemd/system",
+                "usr/lib/systemd/system",
+                "etc/systemd/system",
+            ]
+            .iter()
+            .any(|d| exists(root, &format!("{d}/{u}")))
+        })
+        .collect();
+    if units.is_empty() {
+        return Ok(());
+    }
+    write_file(
+        root,
+        &format!("etc/systemd/system/{HOST_KEYS_UNIT_NAME}"),
+        HOST_KEYS_UNIT.as_bytes(),
+        0o644,
+    )?;
+    for unit in units {
+        let wants = format!("etc/systemd/system/{unit}.wants");
+        ensure_dir(root, &wants, 0o755)?;
+        let link = format!("{wants}/{HOST_KEYS_UNIT_NAME}");
+        if root.symlink_metadata(&link).is_err() {
+            root.symlink(format!("../{HOST_KEYS_UNIT_NAME}"), &link)
+                .map_err(internal(format!("enabling {HOST_KEYS_UNIT_NAME}")))?;
         }
     }
     Ok(())
@@ -350,10 +448,15 @@ pub fn inject(
         enable_unit(&root, "systemd-networkd.socket", "sockets.target")?;
         enable_unit(&root, "systemd-network-generator.service", "sysinit.target")?;
     }
+    if facts.has_sshd {
+        // Each VM makes its own: under systemd the unit below, as init the agent.
+        remove_host_keys(&root)?;
+    }
     if facts.has_sshd && facts.has_systemd {
         enable_unit(&root, "ssh.service", "multi-user.target")?;
+        install_host_keys_unit(&root)?;
     }
-    if facts.has_systemd {
+    if facts.has_systemd && agent.is_none() {
         add_work_mount(&root)?;
     }
     if let Some(agent) = agent {
@@ -509,6 +612,51 @@ mod tests {
             .join("etc/systemd/system/multi-user.target.wants/ssh.service")
             .symlink_metadata()
             .is_ok());
+    }
+
+    #[test]
+    fn host_keys_are_removed_and_made_per_vm() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key = ensure_ssh_key(&tmp.path().join("cfg")).expect("key");
+        let tree = tmp.path().join("tree");
+        std::fs::create_dir_all(tree.join("lib/systemd/system")).expect("mkdir");
+        std::fs::write(tree.join("lib/systemd/system/ssh.service"), b"[Unit]\n").expect("unit");
+        std::fs::write(tree.join("lib/systemd/systemd"), b"").expect("systemd");
+        std::fs::create_dir_all(tree.join("usr/sbin")).expect("mkdir");
+        std::fs::write(tree.join("usr/sbin/sshd"), b"").expect("sshd");
+        std::fs::create_dir_all(tree.join("etc/ssh")).expect("mkdir");
+        for f in [
+            "ssh_host_ed25519_key",
+            "ssh_host_ed25519_key.pub",
+            "ssh_host_rsa_key",
+            "ssh_host_rsa_key.pub",
+            "sshd_config",
+            "moduli",
+        ] {
+            std::fs::write(tree.join("etc/ssh").join(f), b"x").expect("write");
+        }
+        inject(&tree, "img", &key, &serde_json::json!({}), None).expect("inject");
+        let mut left: Vec<String> = std::fs::read_dir(tree.join("etc/ssh"))
+            .expect("read_dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["moduli", "sshd_config"]);
+        let unit =
+            std::fs::read_to_string(tree.join("etc/systemd/system/banger-ssh-host-keys.service"))
+                .expect("unit");
+        assert!(
+            unit.contains("ExecStart=/usr/bin/ssh-keygen -q -t ed25519"),
+            "{unit}"
+        );
+        let wanted = tree.join("etc/systemd/system/ssh.service.wants/banger-ssh-host-keys.service");
+        assert_eq!(
+            std::fs::read_link(&wanted).expect("enabled"),
+            PathBuf::from("../banger-ssh-host-keys.service")
+        );
+        assert!(wanted.exists(), "the link resolves");
+        assert!(!tree.join("etc/systemd/system/sshd.service.wants").exists());
     }
 
     #[test]
