@@ -35,6 +35,9 @@ pub enum Command {
     /// TAP hand-out latency (warm pool, cold) in network namespaces, and
     /// DNS throughput and latency with dnsperf.
     Net(NetArgs),
+    /// VM create stage by stage (1 and N parallel creates, busybox) and
+    /// `vm run` to SSH-ready against a bare QEMU (Debian golden image).
+    Vm(VmArgs),
 }
 
 impl Command {
@@ -43,6 +46,7 @@ impl Command {
             Command::Cli(a) => &a.common,
             Command::Pull(a) => &a.common,
             Command::Net(a) => &a.common,
+            Command::Vm(a) => &a.common,
         }
     }
 }
@@ -107,6 +111,51 @@ pub struct NetArgs {
     pub common: Common,
 }
 
+/// QEMU acceleration of the benchmark's daemons (`[vm] accel`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// The daemon's probe boot decides (paid once, by an untimed create).
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Timed rounds of the create benchmark; each round is 1 create, then
+    /// `--parallel` creates at once (the VMs are deleted in between).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+    /// Creates sent at once in the parallel part of each round (the warm
+    /// TAP pool is made at least this large).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=64))]
+    pub parallel: u32,
+    /// Timed pairs of the SSH-ready comparison: one `vm run` of the Debian
+    /// golden image, one bare QEMU boot of the same kernel and rootfs
+    /// (each a full boot to sshd: 15-60 s under TCG).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub image_runs: u32,
+    /// Only the create benchmark: no golden image build, no SSH-ready comparison.
+    #[arg(long)]
+    pub skip_ssh: bool,
+    /// `[vm] accel` of the daemons. `auto` is resolved by the first
+    /// daemon's probe boot, and the second daemon is given the result.
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +198,38 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn vm_has_its_own_defaults() {
+        match parse(&["vm"]) {
+            Command::Vm(a) => {
+                assert_eq!((a.runs, a.parallel, a.image_runs), (3, 8, 3));
+                assert!(!a.skip_ssh && !a.common.fail_on_miss);
+                assert_eq!(a.accel, Accel::Auto);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "vm",
+            "--runs",
+            "5",
+            "--parallel",
+            "4",
+            "--skip-ssh",
+            "--accel",
+            "tcg",
+            "--fail-on-miss",
+        ]) {
+            Command::Vm(a) => {
+                assert_eq!((a.runs, a.parallel), (5, 4));
+                assert!(a.skip_ssh && a.common.fail_on_miss);
+                assert_eq!(a.accel.as_str(), "tcg");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Args::try_parse_from(["banger-bench", "vm", "--parallel", "1"]).is_err());
+        assert!(Args::try_parse_from(["banger-bench", "vm", "--accel", "hvf"]).is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!   registry, cold and with a warm layer cache, against `skopeo copy` +
 //!   `umoci raw unpack` + `mkfs.ext4 -d` (see [`pull`]);
 //! - `net`: TAP hand-out from the warm pool and cold, in network
-//!   namespaces, and DNS queries per second with dnsperf (see [`net`]).
+//!   namespaces, and DNS queries per second with dnsperf (see [`net`]);
+//! - `vm`: VM create stage by stage, alone and in parallel, and `vm run`
+//!   to SSH-ready against a bare QEMU (see [`vm`]).
 //!
 //! The binaries are taken from the directory of this executable (so
 //! `target/release/banger-bench` measures `target/release/banger{,d}`) or
@@ -22,6 +24,7 @@ mod net;
 mod pull;
 mod stats;
 mod table;
+mod vm;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Cli(args) => cli::run(args).map(|r| (cli::render(&r), r.rows)),
         Command::Pull(args) => pull::run(args).map(|r| (pull::render(&r), r.rows)),
         Command::Net(args) => net::run(args).map(|r| (net::render(&r), r.rows)),
+        Command::Vm(args) => vm::run(args).map(|r| (vm::render(&r), r.rows)),
     };
     match outcome {
         Ok((text, rows)) => {

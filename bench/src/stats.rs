@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-/// min / median / p99 / max of one measurement.
+/// min / median / p90 / p99 / max of one measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     pub runs: usize,
     pub min: Duration,
     pub median: Duration,
+    pub p90: Duration,
     pub p99: Duration,
     pub max: Duration,
 }
@@ -22,6 +23,7 @@ impl Summary {
             runs: sorted.len(),
             min,
             median: median(&sorted),
+            p90: percentile(&sorted, 90),
             p99: percentile(&sorted, 99),
             max,
         })
@@ -77,14 +79,20 @@ mod tests {
         let samples: Vec<u64> = (1..=200).rev().collect();
         let s = Summary::of(&ms(&samples)).expect("samples");
         assert_eq!(s.p99, Duration::from_millis(198));
+        assert_eq!(s.p90, Duration::from_millis(180));
         // With fewer than 100 samples p99 is the maximum.
         let s = Summary::of(&ms(&[1, 2, 3, 50])).expect("samples");
         assert_eq!(s.p99, Duration::from_millis(50));
+        // p90 of 10 samples is the 9th, of 3 it is the max.
+        let s = Summary::of(&ms(&[10, 9, 8, 7, 6, 5, 4, 3, 2, 1])).expect("samples");
+        assert_eq!(s.p90, Duration::from_millis(9));
+        let s = Summary::of(&ms(&[3, 1, 2])).expect("samples");
+        assert_eq!(s.p90, Duration::from_millis(3));
         // One sample is every percentile.
         let s = Summary::of(&ms(&[7])).expect("samples");
         assert_eq!(
-            (s.min, s.median, s.p99, s.max),
-            (s.min, s.min, s.min, s.min)
+            (s.min, s.median, s.p90, s.p99, s.max),
+            (s.min, s.min, s.min, s.min, s.min)
         );
         assert_eq!(s.median, Duration::from_millis(7));
     }

@@ -15,6 +15,9 @@ pub enum Value {
     Bytes(u64),
     /// A ratio of two medians, shown in the median column.
     Ratio(f64),
+    /// A relative difference of two medians in percent (`+4.2 %` means
+    /// 4.2 % slower), shown in the median column.
+    Percent(f64),
 }
 
 /// The bound a row must meet.
@@ -24,6 +27,7 @@ pub enum Target {
     BytesAtMost(u64),
     RatioAtLeast(f64),
     RatioAtMost(f64),
+    PercentAtMost(f64),
 }
 
 impl Target {
@@ -33,6 +37,7 @@ impl Target {
             Target::BytesAtMost(b) => format!("<= {}", fmt_bytes(b)),
             Target::RatioAtLeast(r) => format!(">= {}", fmt_ratio(r)),
             Target::RatioAtMost(r) => format!("<= {}", fmt_ratio(r)),
+            Target::PercentAtMost(p) => format!("<= {}", fmt_percent(p)),
         }
     }
 
@@ -43,6 +48,7 @@ impl Target {
             (Target::BytesAtMost(max), Value::Bytes(b)) => Some(*b <= max),
             (Target::RatioAtLeast(min), Value::Ratio(r)) => Some(*r >= min),
             (Target::RatioAtMost(max), Value::Ratio(r)) => Some(*r <= max),
+            (Target::PercentAtMost(max), Value::Percent(p)) => Some(*p <= max),
             _ => None,
         }
     }
@@ -72,31 +78,37 @@ impl Row {
 }
 
 const HEADER: [&str; 7] = ["what", "min", "median", "p99", "max", "target", "result"];
-const P99: usize = 3;
+/// The tail column: p99, or p90 with [`Columns::WithP90`].
+const TAIL: usize = 3;
 
 /// Which columns a table shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Columns {
     WithP99,
+    /// p90 in place of p99: for tens of runs, where p99 is the max.
+    WithP90,
     /// For a handful of runs, where p99 is just the max.
     WithoutP99,
 }
 
 /// Renders rows as an aligned table with a header line.
 pub fn render(rows: &[Row], columns: Columns) -> String {
-    let lines: Vec<[String; 7]> = rows.iter().map(cells).collect();
-    let mut widths = HEADER.map(str::len);
+    let lines: Vec<[String; 7]> = rows.iter().map(|r| cells(r, columns)).collect();
+    let mut header = HEADER.map(String::from);
+    if columns == Columns::WithP90 {
+        header[TAIL] = "p90".into();
+    }
+    let mut widths = header.each_ref().map(|h| h.len());
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    let header = HEADER.map(String::from);
     for line in std::iter::once(&header).chain(&lines) {
         let mut text = String::new();
         for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
-            if i == P99 && columns == Columns::WithoutP99 {
+            if i == TAIL && columns == Columns::WithoutP99 {
                 continue;
             }
             // Text columns align left, numbers right.
@@ -111,16 +123,21 @@ pub fn render(rows: &[Row], columns: Columns) -> String {
     out
 }
 
-fn cells(row: &Row) -> [String; 7] {
-    let (min, median, p99, max) = match &row.value {
+fn cells(row: &Row, columns: Columns) -> [String; 7] {
+    let (min, median, tail, max) = match &row.value {
         Value::Timing(s) => (
             fmt_duration(s.min),
             fmt_duration(s.median),
-            fmt_duration(s.p99),
+            fmt_duration(if columns == Columns::WithP90 {
+                s.p90
+            } else {
+                s.p99
+            }),
             fmt_duration(s.max),
         ),
         Value::Bytes(b) => (String::new(), fmt_bytes(*b), String::new(), String::new()),
         Value::Ratio(r) => (String::new(), fmt_ratio(*r), String::new(), String::new()),
+        Value::Percent(p) => (String::new(), fmt_percent(*p), String::new(), String::new()),
     };
     let target = row
         .target
@@ -130,7 +147,7 @@ fn cells(row: &Row) -> [String; 7] {
         row.what.clone(),
         min,
         median,
-        p99,
+        tail,
         max,
         target,
         row.result().into(),
@@ -156,6 +173,11 @@ pub fn fmt_ratio(r: f64) -> String {
     format!("{r:.2}x")
 }
 
+/// A signed percentage: `+4.2 %`, `-0.8 %`.
+pub fn fmt_percent(p: f64) -> String {
+    format!("{p:+.1} %")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +188,7 @@ mod tests {
             runs: 1,
             min: d,
             median: d,
+            p90: d,
             p99: d,
             max: d,
         })
@@ -196,6 +219,11 @@ mod tests {
         assert_eq!(row(Value::Ratio(1.2), Some(slower)).result(), "PASS");
         assert_eq!(row(Value::Ratio(1.21), Some(slower)).result(), "MISS");
         assert_eq!(row(timing(1), Some(slower)).result(), "-");
+        let overhead = Target::PercentAtMost(5.0);
+        assert_eq!(row(Value::Percent(5.0), Some(overhead)).result(), "PASS");
+        assert_eq!(row(Value::Percent(-3.0), Some(overhead)).result(), "PASS");
+        assert_eq!(row(Value::Percent(5.1), Some(overhead)).result(), "MISS");
+        assert_eq!(row(Value::Ratio(1.0), Some(overhead)).result(), "-");
     }
 
     #[test]
@@ -204,6 +232,8 @@ mod tests {
         assert_eq!(fmt_duration(Duration::from_micros(123_450)), "123.5 ms");
         assert_eq!(fmt_duration(Duration::from_millis(4_321)), "4.32 s");
         assert_eq!(fmt_ratio(1.5), "1.50x");
+        assert_eq!(fmt_percent(4.24), "+4.2 %");
+        assert_eq!(fmt_percent(-0.84), "-0.8 %");
     }
 
     #[test]
@@ -216,6 +246,7 @@ mod tests {
                     runs: 3,
                     min: ms(1_000),
                     median: ms(1_234),
+                    p90: ms(1_500),
                     p99: ms(2_000),
                     max: ms(3_000),
                 }),
@@ -251,5 +282,18 @@ mod tests {
             text.lines().nth(1).is_some_and(|l| l.contains("3.00 ms")),
             "{text}"
         );
+
+        // p90 in place of p99, under its own header.
+        let text = render(&rows, Columns::WithP90);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("p90") && !lines[0].contains("p99"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("1.50 ms") && !lines[1].contains("2.00 ms"),
+            "{text}"
+        );
+        assert_eq!(end(lines[0], "p90"), end(lines[1], "1.50 ms"));
     }
 }
