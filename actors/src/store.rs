@@ -327,6 +327,31 @@ impl StoreClient {
         .await?
     }
 
+    /// Like [`put`](Self::put), but waits out a restart of the Store actor
+    /// for up to `patience`: for writes that must not be lost to a store
+    /// restarting at that moment (a VM's state changes).
+    pub async fn put_patiently<T: Serialize>(
+        &self,
+        tree: &str,
+        key: &[u8],
+        value: &T,
+        patience: Duration,
+    ) -> Result<(), ErrorData> {
+        let value = encode_record(value)?;
+        crate::ask::ask_patiently(
+            names::STORE,
+            |reply| StoreMsg::Put {
+                tree: tree.to_string(),
+                key: key.to_vec(),
+                value: value.clone(),
+                reply,
+            },
+            self.timeout,
+            patience,
+        )
+        .await?
+    }
+
     pub async fn put_raw(&self, tree: &str, key: &[u8], value: Vec<u8>) -> Result<(), ErrorData> {
         let tree = tree.to_string();
         let key = key.to_vec();

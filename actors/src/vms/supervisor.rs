@@ -149,7 +149,13 @@ pub struct VmActorState {
     restarting: bool,
     /// Stops asked for while booting: they end with the boot.
     stop_waiters: Vec<OpLog>,
+    /// Teardown has begun: nothing is written to the store any more.
+    deleted: bool,
 }
+
+/// How long a state change waits out a restart of the Store actor before
+/// it is only logged (recovery reconciles the record with the VMM later).
+const STORE_PATIENCE: Duration = Duration::from_secs(10);
 
 fn invalid_state(from: VmState, op: &str, name: &str) -> ErrorData {
     ErrorData::new(
@@ -167,9 +173,18 @@ impl VmActorState {
     }
 
     async fn persist(&self) {
+        if self.deleted {
+            // The record is gone (or going): a late write must not bring it back.
+            return;
+        }
         if let Err(e) = self
             .store
-            .put(super::record::TREE, self.rec.name.as_bytes(), &self.rec)
+            .put_patiently(
+                super::record::TREE,
+                self.rec.name.as_bytes(),
+                &self.rec,
+                STORE_PATIENCE,
+            )
             .await
         {
             warn!(vm = %self.rec.name, error = %e, "persisting the VM record failed");
@@ -408,6 +423,7 @@ impl Actor for VmSupervisor {
             restart_timer: None,
             crashes: VecDeque::new(),
             stopping: false,
+            deleted: false,
             restarting: false,
             stop_waiters: Vec::new(),
         };
@@ -491,6 +507,10 @@ impl Actor for VmSupervisor {
                 let _ = reply.send(r);
             }
             VmMsg::Teardown(reply) => {
+                // Late facts, boot results and exits of this VMM are void,
+                // and no write may resurrect the record being removed.
+                state.generation += 1;
+                state.deleted = true;
                 if let Some(op) = state.op.take() {
                     op.cancel.cancel();
                     op.log.finish(Err(ErrorData::new(
