@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 # machine does not pay for apt.
 packages=(build-essential pkg-config e2fsprogs qemu-system-x86 nftables iproute2 procps
   docker-registry skopeo umoci apache2-utils busybox-static mmdebstrap linux-image-cloud-amd64
-  coreutils qemu-utils iputils-ping bind9-dnsutils openssh-client)
+  coreutils qemu-utils iputils-ping bind9-dnsutils openssh-client systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,6 +21,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}"
 fi
+# systemd-resolved for the `dns setup` test, unpacked but not installed:
+# installing it would take over this machine's /etc/resolv.conf. The test
+# runs it in namespaces of its own (tests/tests/dns_setup.rs). Same version
+# as the installed systemd, whose libsystemd-shared it links against.
+resolved_dir=/var/cache/banger-tests/systemd-resolved
+if [ ! -x "$resolved_dir/lib/systemd/systemd-resolved" ]; then
+  [ -d /var/lib/apt/lists/partial ] && ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq
+  deb_dir=$(mktemp -d)
+  chmod 755 "$deb_dir"
+  systemd_version=$(dpkg-query -W -f='${Version}' systemd)
+  (cd "$deb_dir" && { apt-get download -qq "systemd-resolved=$systemd_version" ||
+    apt-get download -qq systemd-resolved; })
+  mkdir -p "$resolved_dir"
+  dpkg-deb -x "$deb_dir"/systemd-resolved_*.deb "$resolved_dir"
+  rm -rf "$deb_dir"
+fi
+export BANGER_TEST_RESOLVED="$resolved_dir/lib/systemd/systemd-resolved"
 if ! command -v cargo >/dev/null; then
   # Debian's own toolchain; banger needs Rust >= 1.85 (see README).
   apt-get install -y -qq cargo

@@ -84,12 +84,24 @@ pub struct TestDaemonBuilder {
     config: Option<String>,
     /// Run in a network namespace of its own (see [`netns`]).
     netns: bool,
+    /// A program that starts `bangerd` (its path and arguments follow):
+    /// for a test that prepares the daemon's surroundings first, e.g. a
+    /// private mount namespace.
+    wrapper: Option<PathBuf>,
 }
 
 impl TestDaemonBuilder {
     /// The contents of `config.toml` (TOML text).
     pub fn config(mut self, toml: impl Into<String>) -> Self {
         self.config = Some(toml.into());
+        self
+    }
+
+    /// Starts `bangerd` through `program`, which gets the daemon's path as
+    /// its first argument and must end by exec'ing it (it runs inside the
+    /// namespace with `netns()`).
+    pub fn wrapper(mut self, program: impl Into<PathBuf>) -> Self {
+        self.wrapper = Some(program.into());
         self
     }
 
@@ -129,6 +141,7 @@ impl TestDaemonBuilder {
             child: None,
             launches: 0,
             netns,
+            wrapper: self.wrapper,
         };
         let path = daemon.paths().config_file();
         fs::create_dir_all(path.parent().expect("config dir")).expect("create config dir");
@@ -164,6 +177,7 @@ pub struct TestDaemon {
     launches: u32,
     /// Dropped after the daemon is killed (`Drop` runs before the fields).
     netns: Option<netns::NetNs>,
+    wrapper: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -204,9 +218,19 @@ impl TestDaemon {
 
     /// A `bangerd` command with this test's environment; stdio is left to the caller.
     pub fn bangerd_command(&self) -> Command {
-        let mut cmd = match &self.netns {
-            Some(ns) => ns.command(bin_path("bangerd")),
-            None => Command::new(bin_path("bangerd")),
+        let mut cmd = match (&self.netns, &self.wrapper) {
+            (Some(ns), None) => ns.command(bin_path("bangerd")),
+            (None, None) => Command::new(bin_path("bangerd")),
+            (Some(ns), Some(w)) => {
+                let mut cmd = ns.command(w);
+                cmd.arg(bin_path("bangerd"));
+                cmd
+            }
+            (None, Some(w)) => {
+                let mut cmd = Command::new(w);
+                cmd.arg(bin_path("bangerd"));
+                cmd
+            }
         };
         self.apply_env(&mut cmd);
         cmd
