@@ -213,6 +213,14 @@ pub trait VmmHandle: Send + Sync + fmt::Debug {
     /// The process, for the store (adoption after a restart) and `vm show`.
     fn process(&self) -> ProcessId;
 
+    /// For a VMM this handle launched: how long its process took from
+    /// being spawned to answering on its control socket (QMP, the
+    /// Firecracker API). That is the VMM's own start-up, not banger's
+    /// work; `None` for an adopted process.
+    fn start_up(&self) -> Option<Duration> {
+        None
+    }
+
     /// Opens a new byte stream to the guest agent. Under QEMU there is one
     /// virtio-serial port: a new stream replaces the previous one.
     async fn connect_agent(&self) -> Result<UnixStream, VmmError>;

@@ -7,7 +7,7 @@
 //! or cancellation everything made so far is undone here.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -147,93 +147,103 @@ pub async fn prepare_disks(
         ErrorData::from_error(ErrorKind::Internal, &e)
             .with_cause(format!("creating {}", dir.display()))
     })?;
-    let mut specs = Vec::new();
+    // The disks do not depend on each other: made at the same time.
+    let (root, work, modules) = tokio::try_join!(
+        root_disk(rec, &dir, log),
+        work_disk(rec, &dir, log),
+        modules_disk(rec, log),
+    )?;
+    let specs = std::iter::once(root).chain(work).chain(modules).collect();
+    Ok(specs)
+}
 
+/// The root disk: a qcow2 overlay of the image under QEMU, else a clone.
+async fn root_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<DiskSpec, ErrorData> {
     let qcow = dir.join("root.qcow2");
     let raw = dir.join("root.ext4");
     let t = Instant::now();
-    let root = if rec.vmm == VmmKind::Qemu
-        && (qcow.exists() || (!raw.exists() && disks::have_qemu_img()))
-    {
+    if rec.vmm == VmmKind::Qemu && (qcow.exists() || (!raw.exists() && disks::have_qemu_img())) {
         if !qcow.exists() {
             disks::qcow2_overlay(&rec.rootfs, &qcow).await?;
             log.stage_done("disks", "root disk: copy-on-write overlay of the image", t);
         }
-        DiskSpec {
+        return Ok(DiskSpec {
             id: "root".into(),
             path: qcow,
             format: DiskFormat::Qcow2,
             read_only: false,
-        }
-    } else {
-        if !raw.exists() {
-            let (src, dst) = (rec.rootfs.clone(), raw.clone());
-            let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
-                .await
-                .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
-            log.stage_done(
-                "disks",
-                format!("root disk: {} of the image", method.as_str()),
-                t,
-            );
-        }
-        DiskSpec {
-            id: "root".into(),
-            path: raw,
-            format: DiskFormat::Raw,
-            read_only: false,
-        }
-    };
-    specs.push(root);
-
-    if let Some(seed) = &rec.work_seed {
-        let work = dir.join("work.ext4");
-        if !work.exists() {
-            let t = Instant::now();
-            let tmp = dir.join("work.ext4.tmp");
-            let _ = std::fs::remove_file(&tmp);
-            let (src, dst) = (seed.clone(), tmp.clone());
-            let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
-                .await
-                .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
-            disks::grow_ext4(&tmp, rec.disk_bytes).await?;
-            std::fs::rename(&tmp, &work)
-                .map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))?;
-            log.stage_done(
-                "disks",
-                format!(
-                    "work disk: {} of the seed, grown to {} MiB",
-                    method.as_str(),
-                    rec.disk_bytes >> 20
-                ),
-                t,
-            );
-        }
-        specs.push(DiskSpec {
-            id: "work".into(),
-            path: work,
-            format: DiskFormat::Raw,
-            read_only: false,
         });
     }
-
-    if let Some(modules) = &rec.modules_path {
-        if modules.is_dir() {
-            let t = Instant::now();
-            let existed = modules.with_extension("ext4").exists();
-            let disk = disks::modules_disk(modules).await?;
-            if !existed {
-                log.stage_done("disks", "modules disk built for the kernel", t);
-            }
-            specs.push(DiskSpec {
-                id: "modules".into(),
-                path: disk,
-                format: DiskFormat::Raw,
-                read_only: true,
-            });
-        }
+    if !raw.exists() {
+        let (src, dst) = (rec.rootfs.clone(), raw.clone());
+        let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
+            .await
+            .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+        log.stage_done(
+            "disks",
+            format!("root disk: {} of the image", method.as_str()),
+            t,
+        );
     }
-    Ok(specs)
+    Ok(DiskSpec {
+        id: "root".into(),
+        path: raw,
+        format: DiskFormat::Raw,
+        read_only: false,
+    })
+}
+
+/// The work disk: a clone of the image's work seed grown to `--disk`.
+async fn work_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<Option<DiskSpec>, ErrorData> {
+    let Some(seed) = &rec.work_seed else {
+        return Ok(None);
+    };
+    let work = dir.join("work.ext4");
+    if !work.exists() {
+        let t = Instant::now();
+        let tmp = dir.join("work.ext4.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let (src, dst) = (seed.clone(), tmp.clone());
+        let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
+            .await
+            .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+        disks::grow_ext4(&tmp, rec.disk_bytes).await?;
+        std::fs::rename(&tmp, &work).map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))?;
+        log.stage_done(
+            "disks",
+            format!(
+                "work disk: {} of the seed, grown to {} MiB",
+                method.as_str(),
+                rec.disk_bytes >> 20
+            ),
+            t,
+        );
+    }
+    Ok(Some(DiskSpec {
+        id: "work".into(),
+        path: work,
+        format: DiskFormat::Raw,
+        read_only: false,
+    }))
+}
+
+/// The kernel's modules disk, built on its first use.
+async fn modules_disk(rec: &VmRecord, log: &OpLog) -> Result<Option<DiskSpec>, ErrorData> {
+    let Some(modules) = rec.modules_path.as_ref().filter(|m| m.is_dir()) else {
+        return Ok(None);
+    };
+    let t = Instant::now();
+    let existed = modules.with_extension("ext4").exists();
+    let disk = disks::modules_disk(modules).await?;
+    if !existed {
+        log.stage_done("disks", "modules disk built for the kernel", t);
+    }
+    Ok(Some(DiskSpec {
+        id: "modules".into(),
+        path: disk,
+        format: DiskFormat::Raw,
+        read_only: true,
+    }))
 }
 
 /// Boots `rec`. `report` receives facts to persist as they happen.
@@ -340,9 +350,19 @@ async fn boot_steps(
     } else {
         String::new()
     };
+    // The VMM's own start-up (spawn → control socket answering) is named
+    // apart: it is the VMM's time, not banger's.
+    let start_up = handle
+        .start_up()
+        .map(|d| format!("; VMM start-up {} ms", d.as_millis()))
+        .unwrap_or_default();
     log.stage_done(
         "launch",
-        format!("{} started, pid {}{accel}", rec.vmm, handle.process().pid),
+        format!(
+            "{} started, pid {}{accel}{start_up}",
+            rec.vmm,
+            handle.process().pid
+        ),
         t,
     );
 

@@ -55,6 +55,27 @@ pub struct ControlPlane {
     /// The part of `daemon` that no stage accounts for (queues, actor
     /// hops, the time between one stage's end and the next one's start).
     pub outside_stages: Duration,
+    /// The VMM's own start-up inside the launch stage (spawn → QMP or
+    /// API answering), from the launch event's `VMM start-up N ms`.
+    pub vmm_start_up: Option<Duration>,
+}
+
+impl ControlPlane {
+    /// Banger's part: `daemon` without the VMM's own start-up.
+    pub fn banger(&self) -> Duration {
+        self.daemon
+            .saturating_sub(self.vmm_start_up.unwrap_or_default())
+    }
+}
+
+/// `VMM start-up N ms` in a launch event's detail.
+pub fn vmm_start_up_ms(detail: &str) -> Option<u64> {
+    let rest = &detail[detail.find("VMM start-up ")? + "VMM start-up ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    if digits.is_empty() || !rest[digits.len()..].starts_with(" ms") {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The duration at the end of a finished step's detail: `... (12 ms)`.
@@ -101,6 +122,7 @@ impl Create {
             daemon: Duration::from_millis(launch.elapsed_ms),
             client: launch.received,
             outside_stages: Duration::from_millis(launch.elapsed_ms.saturating_sub(in_stages)),
+            vmm_start_up: vmm_start_up_ms(&launch.detail).map(Duration::from_millis),
         })
     }
 
@@ -194,7 +216,7 @@ mod tests {
                 event("network", "TAP bgtap3 (from the warm pool) (1 ms)", 57, 58),
                 event(
                     "launch",
-                    "qemu started, pid 4242, tcg: [vm] accel = \"tcg\" in the config (80 ms)",
+                    "qemu started, pid 4242, tcg: [vm] accel = \"tcg\" in the config; VMM start-up 70 ms (80 ms)",
                     140,
                     143,
                 ),
@@ -249,10 +271,33 @@ mod tests {
         assert_eq!(cp.client, Duration::from_millis(143));
         // 140 ms in all, 1 + 0 + 21 + 30 + 1 + 80 = 133 ms in stages.
         assert_eq!(cp.outside_stages, Duration::from_millis(7));
+        // 70 ms of the launch were QEMU starting up.
+        assert_eq!(cp.vmm_start_up, Some(Duration::from_millis(70)));
+        assert_eq!(cp.banger(), Duration::from_millis(70));
 
         let mut failed = create();
         failed.events.truncate(5);
         assert_eq!(failed.control_plane(), None);
+    }
+
+    #[test]
+    fn vmm_start_up_is_read_from_the_launch_detail() {
+        assert_eq!(
+            vmm_start_up_ms("qemu started, pid 1, tcg: x; VMM start-up 123 ms (130 ms)"),
+            Some(123)
+        );
+        assert_eq!(vmm_start_up_ms("qemu started, pid 1 (130 ms)"), None);
+        assert_eq!(vmm_start_up_ms("VMM start-up ms (1 ms)"), None);
+        assert_eq!(vmm_start_up_ms("VMM start-up 12 s"), None);
+        let mut old = create();
+        old.events[5].detail = "qemu started, pid 4242 (80 ms)".into();
+        let cp = old.control_plane().expect("launched");
+        assert_eq!(cp.vmm_start_up, None);
+        assert_eq!(
+            cp.banger(),
+            cp.daemon,
+            "without the figure, all of it counts"
+        );
     }
 
     #[test]

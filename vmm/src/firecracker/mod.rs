@@ -395,21 +395,21 @@ impl VmmBackend for FirecrackerBackend {
             .unwrap_or(0);
         let id = process::spawn_detached(self.command(spec, &paths), &spec.console_log)?;
         info!(pid = id.pid, binary = %self.binary.display(), "firecracker started");
+        let spawned = std::time::Instant::now();
         let client = ApiClient::new(&paths.api_socket).with_timeout(API_TIMEOUT);
+        let mut start_up = None;
         let configured = async {
             wait_for_api(id, &client, spec).await?;
+            start_up = Some(spawned.elapsed());
             configure(&client, spec).await
         };
         if let Err(err) = configured.await {
             return Err(abort_launch(id, spec, err).await);
         }
         info!(pid = id.pid, "firecracker guest started");
-        Ok(Arc::new(FirecrackerHandle::new(
-            spec,
-            id,
-            client,
-            Some(console_start),
-        )))
+        let mut handle = FirecrackerHandle::new(spec, id, client, Some(console_start));
+        handle.start_up = start_up;
+        Ok(Arc::new(handle))
     }
 
     #[instrument(skip_all, fields(vm = %spec.name, pid = pid.pid))]
@@ -444,6 +444,8 @@ pub struct FirecrackerHandle {
     console_from: Option<u64>,
     /// The exit status once observed (only the first wait can reap it).
     exit: Mutex<Option<Exit>>,
+    /// Spawn → API answering, for a launch.
+    start_up: Option<Duration>,
 }
 
 impl FirecrackerHandle {
@@ -461,6 +463,7 @@ impl FirecrackerHandle {
             console: spec.console_log.clone(),
             console_from,
             exit: Mutex::new(None),
+            start_up: None,
         }
     }
 
@@ -501,6 +504,10 @@ impl VmmHandle for FirecrackerHandle {
 
     fn process(&self) -> ProcessId {
         self.process
+    }
+
+    fn start_up(&self) -> Option<Duration> {
+        self.start_up
     }
 
     async fn connect_agent(&self) -> Result<UnixStream, VmmError> {

@@ -267,6 +267,7 @@ impl VmmBackend for QemuBackend {
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(spec));
         let pid = process::spawn_detached(cmd, &paths.log)?;
+        let spawned = std::time::Instant::now();
         let guard = KillOnDrop(Some(pid));
         tracing::debug!(pid = pid.pid, "QEMU spawned");
 
@@ -292,6 +293,7 @@ impl VmmBackend for QemuBackend {
                 return Err(err);
             }
         };
+        let start_up = spawned.elapsed();
         // The event monitor is up with the control one; without it (an
         // error here) exits are classified from the status and console.
         let events = match tokio::time::timeout(QMP_TIMEOUT, QmpClient::connect(&paths.events))
@@ -316,13 +318,9 @@ impl VmmBackend for QemuBackend {
             version = ?qmp.version(),
             "QEMU running"
         );
-        Ok(Arc::new(QemuHandle::new(
-            spec,
-            pid,
-            Some(qmp),
-            events,
-            Some(console_start),
-        )))
+        let mut handle = QemuHandle::new(spec, pid, Some(qmp), events, Some(console_start));
+        handle.start_up = Some(start_up);
+        Ok(Arc::new(handle))
     }
 
     #[instrument(skip_all, fields(vm = %spec.name, pid = pid.pid))]
@@ -425,6 +423,8 @@ pub struct QemuHandle {
     status: OnceCell<process::Exit>,
     /// How it exited, once worked out.
     exit: OnceCell<VmmExit>,
+    /// Spawn → QMP answering, for a launch.
+    start_up: Option<Duration>,
 }
 
 impl Drop for QemuHandle {
@@ -472,6 +472,7 @@ impl QemuHandle {
             console_from,
             status: OnceCell::new(),
             exit: OnceCell::new(),
+            start_up: None,
         }
     }
 
@@ -609,6 +610,10 @@ impl VmmHandle for QemuHandle {
 
     fn process(&self) -> ProcessId {
         self.pid
+    }
+
+    fn start_up(&self) -> Option<Duration> {
+        self.start_up
     }
 
     /// Connects to the agent's virtio-serial port. QEMU serves one client
