@@ -6,6 +6,7 @@
 //! <state>/kernels/<id>/         vmlinuz|vmlinux, vmlinux (extracted), initrd.img, modules/
 //! <state>/kernels/<id>.staging/
 //! <state>/layers/               the OCI layer cache, by digest
+//! <state>/layers/trees/<key>/   unpacked trees per layer chain (the tree cache)
 //! <state>/downloads/            resumable kernel downloads
 //! ```
 
@@ -72,10 +73,25 @@ impl Layout {
     /// At daemon start-up, before any request: removes unfinished work of
     /// a daemon that died (staging dirs); returns how many were removed.
     pub fn reconcile(&self) -> u64 {
-        [self.images_dir(), self.kernels_dir(), self.downloads_dir()]
+        let staging: u64 = [self.images_dir(), self.kernels_dir(), self.downloads_dir()]
             .iter()
             .map(|d| Self::remove_staging(d))
-            .sum()
+            .sum();
+        // Unfinished tree cache entries and trees being removed.
+        let trees = self.trees_dir();
+        let unfinished = if trees.is_dir() {
+            banger_image::treecache::TreeCache::open(&trees)
+                .map(|t| t.remove_unfinished() as u64)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        staging + unfinished
+    }
+
+    /// `<layers>/trees`: the tree cache (see `banger_image::treecache`).
+    pub fn trees_dir(&self) -> PathBuf {
+        self.layers_dir().join(banger_image::treecache::TREES_DIR)
     }
 }
 

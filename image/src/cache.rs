@@ -13,7 +13,8 @@
 //! back with [`LayerCache::open_blob`]; the `ImageRegistry` actor calls
 //! [`LayerCache::prune`] with the digests its images still reference.
 //! Pruning is not synchronised with downloads in other tasks: the caller
-//! serialises the two (the actor does).
+//! serialises the two (the actor does). The cache of unpacked trees
+//! ([`crate::treecache`]) lives in `<dir>/trees` and is pruned with it.
 
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -25,6 +26,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
+
+use crate::treecache::TreeCache;
 
 /// The only digest algorithm the cache stores.
 pub const SHA256_PREFIX: &str = "sha256:";
@@ -143,8 +146,13 @@ pub struct CachedBlob {
 pub struct PruneStats {
     /// Blobs and stale partial files removed.
     pub removed: usize,
-    /// Their total size.
+    /// Their total size, plus `tree_bytes_freed`.
     pub bytes_freed: u64,
+    /// Unpacked trees removed from the tree cache (and leftovers of
+    /// unfinished ones), see [`crate::treecache`].
+    pub trees_removed: usize,
+    /// File data those trees held.
+    pub tree_bytes_freed: u64,
 }
 
 /// Result of [`LayerCache::insert_stream`].
@@ -195,6 +203,16 @@ impl LayerCache {
     /// The directory the cache was opened at.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The cache of unpacked trees, `<dir>/trees` (see [`crate::treecache`]).
+    pub fn trees(&self) -> Result<TreeCache, CacheError> {
+        let dir = self.root.join(crate::treecache::TREES_DIR);
+        TreeCache::open(&dir).map_err(|e| CacheError::Io {
+            op: "open",
+            path: dir,
+            source: io::Error::other(e),
+        })
     }
 
     /// `<dir>/blobs/sha256`, where blobs and partial downloads live.
@@ -461,9 +479,24 @@ impl LayerCache {
     /// Removes every blob whose digest is not in `referenced`, and partial
     /// downloads that are stale: their process is gone, or they were not
     /// written to for an hour. Partial files of live downloads are kept.
-    /// Files the cache did not create are left alone.
+    /// Files the cache did not create are left alone. Then prunes the tree
+    /// cache with the same digests ([`TreeCache::prune`]: a tree goes
+    /// unless all its layers are referenced).
     pub fn prune(&self, referenced: &HashSet<String>) -> Result<PruneStats, CacheError> {
-        let mut stats = PruneStats::default();
+        let trees = self
+            .trees()?
+            .prune(referenced)
+            .map_err(|e| CacheError::Io {
+                op: "prune",
+                path: self.root.join(crate::treecache::TREES_DIR),
+                source: io::Error::other(e),
+            })?;
+        let mut stats = PruneStats {
+            trees_removed: trees.removed,
+            tree_bytes_freed: trees.bytes_freed,
+            bytes_freed: trees.bytes_freed,
+            ..PruneStats::default()
+        };
         for entry in self.entries()? {
             let (path, size) = match entry {
                 Entry::Blob(blob) if !referenced.contains(&blob.digest) => (blob.path, blob.size),
@@ -481,6 +514,7 @@ impl LayerCache {
         }
         tracing::info!(
             removed = stats.removed,
+            trees_removed = stats.trees_removed,
             bytes_freed = stats.bytes_freed,
             "pruned layer cache"
         );

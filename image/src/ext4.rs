@@ -64,6 +64,19 @@ pub struct Ext4Stats {
     pub inodes: Option<u64>,
     /// Fixups applied with debugfs.
     pub fixups: usize,
+    /// Where the time went.
+    pub timings: BuildTimings,
+}
+
+/// How long each step of [`build_rootfs`] took (wall time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildTimings {
+    /// Walking the tree ([`measure_tree`]) and resolving its fixups.
+    pub measure: std::time::Duration,
+    /// `mkfs.ext4 -d`.
+    pub mkfs: std::time::Duration,
+    /// `debugfs` applying the fixups (zero when there are none).
+    pub fixups: std::time::Duration,
 }
 
 /// Why an image could not be built.
@@ -135,25 +148,39 @@ pub async fn build_rootfs(
     }
     let root = tree.root.clone();
     let fixups_job = tree.fixups_job();
+    let started = std::time::Instant::now();
     let (usage, fixups) = blocking(move || {
         let usage = measure_tree(&root).map_err(io_err("measuring", &root))?;
         let fixups = fixups_job()?;
         Ok((usage, fixups))
     })
     .await?;
+    let measured = std::time::Instant::now();
     let size = size.unwrap_or_else(|| default_size(usage.tree_bytes()).max(required_size(&usage)));
     let inodes = make_fs(&tree.root, out, size, "rootfs", &usage).await?;
+    let made = std::time::Instant::now();
     if let Err(e) = apply_fixups(out, &fixups).await {
         let _ = tokio::fs::remove_file(out).await;
         return Err(e);
     }
-    tracing::info!(size, fixups = fixups.len(), "root filesystem built");
+    let timings = BuildTimings {
+        measure: measured - started,
+        mkfs: made - measured,
+        fixups: made.elapsed(),
+    };
+    tracing::info!(
+        size,
+        fixups = fixups.len(),
+        ?timings,
+        "root filesystem built"
+    );
     Ok(Ext4Stats {
         size,
         tree_bytes: usage.tree_bytes(),
         usage,
         inodes,
         fixups: fixups.len(),
+        timings,
     })
 }
 

@@ -74,7 +74,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tracing::instrument;
 
+pub(crate) use fixup::resolve as resolve_fixups;
 pub use fixup::{DeviceNode, Fixup, NodeKind};
+pub(crate) use guard::stream_allowance;
 
 use guard::{Budget, TarGuard, Violation};
 use tree::{EntryKind, EntryMeta, Msg, Staging};
@@ -543,7 +545,7 @@ impl Unpacker {
             layers: self.layers,
             complete,
             ownership_deferred,
-            deferred,
+            deferred: TreeFixups::ByInode(deferred),
         }
     }
 }
@@ -563,14 +565,47 @@ pub struct UnpackedTree {
     pub complete: bool,
     /// Owners were recorded as fixups rather than set on the host.
     pub ownership_deferred: bool,
-    deferred: fixup::DeferredMap,
+    deferred: TreeFixups,
+}
+
+/// Where an [`UnpackedTree`]'s fixups come from.
+#[derive(Debug, Clone)]
+pub(crate) enum TreeFixups {
+    /// Records by host inode, as the unpacker keeps them.
+    ByInode(fixup::DeferredMap),
+    /// Fixups already resolved to paths (a tree made from the tree cache,
+    /// see [`crate::treecache`]), each with the `(st_dev, st_ino)` its path
+    /// had when the tree was made. A fixup applies only while its path is
+    /// still that inode: an entry replaced afterwards (by banger's
+    /// injection) is a new file and gets none, as with `ByInode`.
+    ByPath(Vec<(Fixup, (u64, u64))>),
 }
 
 impl UnpackedTree {
+    /// A tree whose fixups were resolved to paths earlier (the tree cache).
+    pub(crate) fn with_path_fixups(
+        root: PathBuf,
+        bytes_written: u64,
+        entries: u64,
+        layers: Vec<LayerStats>,
+        ownership_deferred: bool,
+        fixups: Vec<(Fixup, (u64, u64))>,
+    ) -> Self {
+        UnpackedTree {
+            root,
+            bytes_written,
+            entries,
+            layers,
+            complete: true,
+            ownership_deferred,
+            deferred: TreeFixups::ByPath(fixups),
+        }
+    }
+
     /// Deferred fixups by image path (sorted), found by walking the tree.
     /// Blocking; call it from a blocking context.
     pub fn fixups(&self) -> Result<Vec<Fixup>, UnpackError> {
-        fixup::resolve(&self.root, &self.deferred)
+        self.fixups_job()()
     }
 
     /// [`Self::fixups`] as an owned job, for `spawn_blocking`.
@@ -579,12 +614,27 @@ impl UnpackedTree {
     ) -> impl FnOnce() -> Result<Vec<Fixup>, UnpackError> + Send + 'static {
         let root = self.root.clone();
         let deferred = self.deferred.clone();
-        move || fixup::resolve(&root, &deferred)
+        move || match deferred {
+            TreeFixups::ByInode(map) => fixup::resolve(&root, &map),
+            TreeFixups::ByPath(list) => Ok(fixup::still_applying(&root, list)),
+        }
     }
 
-    /// Number of staged inodes with a deferred record.
+    /// The inode-keyed records (`None` for a tree from the tree cache).
+    pub(crate) fn deferred_map(&self) -> Option<&fixup::DeferredMap> {
+        match &self.deferred {
+            TreeFixups::ByInode(map) => Some(map),
+            TreeFixups::ByPath(_) => None,
+        }
+    }
+
+    /// Number of staged inodes (or, for a tree from the tree cache,
+    /// paths) with a deferred record.
     pub fn deferred_inodes(&self) -> usize {
-        self.deferred.values().filter(|d| !d.is_empty()).count()
+        match &self.deferred {
+            TreeFixups::ByInode(map) => map.values().filter(|d| !d.is_empty()).count(),
+            TreeFixups::ByPath(list) => list.len(),
+        }
     }
 }
 

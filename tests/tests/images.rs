@@ -2,13 +2,14 @@
 //! registry (`docker-registry` on 127.0.0.1), registers and promotes ext4
 //! files, deletes and prunes. The built rootfs is read back with debugfs.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use banger_image::cache::LayerCache;
+use banger_image::cache::{sha256_digest, LayerCache};
 use banger_image::registry::{default_image_name, parse_reference, Platform};
 use banger_image::testing::{random_bytes, TestRegistry};
+use banger_image::treecache::TreeCache;
 use banger_protocol::{
     ErrorKind, ImageRegisterRequest, KernelSelector, Progress, Request, Response, ServerMessage,
 };
@@ -53,6 +54,241 @@ fn cached(d: &TestDaemon, digests: &[String]) -> Vec<bool> {
         .iter()
         .map(|dg| cache.contains(dg).expect("valid digest"))
         .collect()
+}
+
+/// `<layers>/trees`, the tree cache.
+fn trees_dir(d: &TestDaemon) -> PathBuf {
+    layers_dir(d).join("trees")
+}
+
+/// Keys of the committed tree cache entries.
+fn tree_keys(d: &TestDaemon) -> Vec<String> {
+    if !trees_dir(d).is_dir() {
+        return Vec::new();
+    }
+    TreeCache::open(trees_dir(d))
+        .expect("open the tree cache")
+        .keys()
+}
+
+/// Unfinished (`.tmp`) and discarded (`.trash`) trees in the tree cache.
+fn tree_leftovers(d: &TestDaemon) -> Vec<String> {
+    let mut out = entries_with_suffix(&trees_dir(d), ".tmp");
+    out.extend(entries_with_suffix(&trees_dir(d), ".trash"));
+    out
+}
+
+/// Waits until the tree cache holds no `.tmp` or `.trash` dir (a pull
+/// removes its tree in the background).
+async fn assert_no_tree_leftovers(d: &TestDaemon) {
+    wait::until(
+        Duration::from_secs(20),
+        "tree cache leftovers to go",
+        || async { tree_leftovers(d).is_empty().then_some(()) },
+    )
+    .await;
+}
+
+/// The `extract` stage's last detail.
+fn extract_summary(outcome: &Outcome) -> String {
+    outcome
+        .of_stage("extract")
+        .last()
+        .map(|p| p.detail.clone())
+        .unwrap_or_default()
+}
+
+/// Whether the pull unpacked layers (rather than linking a cached tree).
+fn unpacked_layers(outcome: &Outcome) -> bool {
+    outcome
+        .of_stage("extract")
+        .iter()
+        .any(|p| p.detail.starts_with("layer "))
+}
+
+/// Every entry under `root` on the host: type and mode, owner, and for
+/// non-directories size, mtime and a hash of the content (files) or the
+/// target (symlinks).
+fn host_tree(root: &Path) -> BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let m = std::fs::symlink_metadata(&path).expect("lstat");
+            let what = if m.is_dir() {
+                stack.push(path.clone());
+                "dir".to_string()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&path)
+                    .expect("readlink")
+                    .display()
+                    .to_string()
+            } else {
+                sha256_digest(&std::fs::read(&path).expect("read"))
+            };
+            let rel = path
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
+            // Not a directory's size or times: they depend on how it was made.
+            let (size, time) = if m.is_dir() {
+                (0, String::new())
+            } else {
+                (m.len(), format!("{}.{}", m.mtime(), m.mtime_nsec()))
+            };
+            out.insert(
+                rel,
+                format!(
+                    "{:o} {}:{} {size} {time} {what}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid()
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn debugfs(image: &str, request: &str) -> String {
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .expect("run debugfs (apt-get install e2fsprogs)");
+    assert!(out.status.success(), "debugfs -R {request:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every path of an ext4 image: full mode, owner, size, content hash
+/// (files), target (symlinks), device numbers (nodes) and which paths
+/// share an inode. Not times: banger's injection writes new files.
+fn image_tree(image: &str) -> BTreeMap<String, String> {
+    let fs = Ext4Image::new(image);
+    let mut inodes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    let mut stack = vec!["/".to_string()];
+    while let Some(dir) = stack.pop() {
+        // Lines look like `/inode/mode/uid/gid/name/size/`.
+        for line in debugfs(image, &format!("ls -p \"{dir}\"")).lines() {
+            let f: Vec<&str> = line.split('/').collect();
+            if f.len() < 7 || f[5] == "." || f[5] == ".." || f[5].is_empty() {
+                continue;
+            }
+            let (ino, mode, uid, gid, name, size) = (f[1], f[2], f[3], f[4], f[5], f[6]);
+            let path = format!("{}/{name}", dir.trim_end_matches('/'));
+            let mode = u32::from_str_radix(mode, 8).expect("octal mode");
+            let what = match mode & 0o170000 {
+                0o040000 => {
+                    if path != "/lost+found" {
+                        stack.push(path.clone());
+                    }
+                    String::new()
+                }
+                0o100000 => sha256_digest(&fs.read(&path)),
+                0o120000 => fs.stat(&path).and_then(|s| s.link).unwrap_or_default(),
+                _ => debugfs(image, &format!("stat \"{path}\""))
+                    .lines()
+                    .find(|l| l.contains("Device major/minor"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            };
+            if mode & 0o170000 != 0o040000 {
+                inodes
+                    .entry(ino.to_string())
+                    .or_default()
+                    .push(path.clone());
+            }
+            out.insert(path, format!("{mode:o} {uid}:{gid} {size} {what}"));
+        }
+    }
+    for paths in inodes.values().filter(|p| p.len() > 1) {
+        for p in paths {
+            let v = out.get_mut(p).expect("listed");
+            v.push_str(&format!(" links {paths:?}"));
+        }
+    }
+    out
+}
+
+/// What [`special_layer`] puts where banger's injection writes, so a warm
+/// pull's injection replaces files that are linked from the tree cache.
+const IMAGE_HOSTNAME: &str = "from-the-image\n";
+const IMAGE_KEYS: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIImageOwnKey someone@image\n";
+const IMAGE_AGENT: &str = "#!/bin/sh\necho not banger's agent\n";
+
+/// A layer with what needs fixups inside the image (a setuid file, a
+/// device node), a hardlink to a file of a lower layer, and files where
+/// banger's injection writes (hostname, authorized_keys, the agent).
+fn special_layer() -> Blob {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |kind: tar::EntryType, path: &str, link: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_path(path).expect("path");
+        if !link.is_empty() {
+            h.set_link_name(link).expect("link");
+        }
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        h.set_device_major(if kind == tar::EntryType::Char { 1 } else { 0 })
+            .expect("major");
+        h.set_device_minor(if kind == tar::EntryType::Char { 3 } else { 0 })
+            .expect("minor");
+        h.set_cksum();
+        tar.append(&h, data).expect("append");
+    };
+    add(tar::EntryType::Directory, "usr/sbin", "", b"", 0o755);
+    add(
+        tar::EntryType::Regular,
+        "usr/sbin/su",
+        "",
+        b"#!/bin/sh\nexec sh\n",
+        0o4755,
+    );
+    add(tar::EntryType::Directory, "dev", "", b"", 0o755);
+    add(tar::EntryType::Char, "dev/null", "", b"", 0o666);
+    add(
+        tar::EntryType::Link,
+        "usr/bin/hello2",
+        "usr/bin/hello",
+        b"",
+        0o755,
+    );
+    add(
+        tar::EntryType::Regular,
+        "etc/hostname",
+        "",
+        IMAGE_HOSTNAME.as_bytes(),
+        0o644,
+    );
+    add(tar::EntryType::Directory, "root/.ssh", "", b"", 0o755);
+    add(
+        tar::EntryType::Regular,
+        "root/.ssh/authorized_keys",
+        "",
+        IMAGE_KEYS.as_bytes(),
+        0o644,
+    );
+    for dir in ["usr/local", "usr/local/bin"] {
+        add(tar::EntryType::Directory, dir, "", b"", 0o755);
+    }
+    add(
+        tar::EntryType::Regular,
+        "usr/local/bin/banger-agent",
+        "",
+        IMAGE_AGENT.as_bytes(),
+        0o755,
+    );
+    Blob::gzip(&tar.into_inner().expect("tar"))
 }
 
 #[tokio::test]
@@ -382,8 +618,14 @@ async fn hostile_layers_fail_without_leaving_anything() {
     }
     let mut client = d.client().await;
     assert!(image_list(&mut client).await.is_empty());
-    // Only the layer cache and the key may exist; no image dir at all.
+    // Only the layer cache and the key may exist; no image dir at all, no
+    // tree in the tree cache.
     assert!(entries_with_suffix(&images_dir(&d), "").is_empty());
+    assert_no_tree_leftovers(&d).await;
+    assert!(tree_keys(&d).is_empty(), "{:?}", tree_keys(&d));
+    for escaped in [layers_dir(&d).join("escape"), trees_dir(&d).join("escape")] {
+        assert!(!escaped.exists(), "{} was created", escaped.display());
+    }
 }
 
 #[tokio::test]
@@ -541,6 +783,289 @@ async fn second_pull_under_another_name_uses_the_layer_cache() {
 }
 
 #[tokio::test]
+async fn warm_pull_links_the_cached_tree_and_builds_the_same_rootfs() {
+    let reg = TestRegistry::start();
+    let mut blobs = busybox_layers("warm");
+    blobs.push(special_layer());
+    let reference = push(&reg, "warm/img", "1", &blobs).await;
+    let d = TestDaemon::start();
+
+    // Cold: the layers are unpacked into a new tree cache entry.
+    let cold = pull(&d, pull_request(&reference, Some("img"))).await;
+    if let Err(e) = &cold.result {
+        panic!("cold pull: {}", error_chain(e));
+    }
+    assert!(unpacked_layers(&cold), "{:?}", cold.of_stage("extract"));
+    let summary = extract_summary(&cold);
+    assert!(summary.contains("tree cached for later pulls"), "{summary}");
+    let cold = cold.image();
+    let keys = tree_keys(&d);
+    assert_eq!(keys.len(), 1, "one entry for one layer chain: {keys:?}");
+    let entry = trees_dir(&d).join(&keys[0]);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(entry.join("meta.json")).expect("meta.json"))
+            .expect("meta.json is JSON");
+    let layers: Vec<&str> = meta["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest"))
+        .collect();
+    assert_eq!(layers, digests(&blobs));
+    let cached_tree = host_tree(&entry.join("tree"));
+    assert!(
+        cached_tree.contains_key("usr/sbin/su") && cached_tree.contains_key("etc/motd"),
+        "{cached_tree:?}"
+    );
+    // banger's injections went into the pull's farm, not into the cache:
+    // the files it replaced are the image's own there.
+    for (path, content) in [
+        ("etc/hostname", IMAGE_HOSTNAME),
+        ("root/.ssh/authorized_keys", IMAGE_KEYS),
+        ("usr/local/bin/banger-agent", IMAGE_AGENT),
+    ] {
+        let want = sha256_digest(content.as_bytes());
+        assert!(
+            cached_tree[path].ends_with(&format!(" {want}")),
+            "{path}: {}",
+            cached_tree[path]
+        );
+    }
+    assert!(!cached_tree.contains_key("etc/banger/image.json"));
+    let cold_tree = image_tree(&cold.rootfs_path);
+    assert_eq!(cold_tree["/usr/sbin/su"].split(' ').next(), Some("104755"));
+    assert!(
+        cold_tree["/dev/null"].starts_with("20666 ") && cold_tree["/dev/null"].contains("01:03"),
+        "{}",
+        cold_tree["/dev/null"]
+    );
+    assert!(
+        cold_tree["/usr/bin/hello2"].contains("links"),
+        "{}",
+        cold_tree["/usr/bin/hello2"]
+    );
+    // ... while the rootfs has banger's versions.
+    let fs = Ext4Image::new(&cold.rootfs_path);
+    assert_eq!(fs.read_string("/etc/hostname"), "img\n");
+    let keys_file = fs.read_string("/root/.ssh/authorized_keys");
+    assert!(keys_file.starts_with(IMAGE_KEYS), "{keys_file}");
+    assert!(keys_file.contains(&managed_public_key(&d)), "{keys_file}");
+    assert!(
+        cold_tree["/root/.ssh/authorized_keys"].starts_with("100600 0:0 "),
+        "{}",
+        cold_tree["/root/.ssh/authorized_keys"]
+    );
+    assert_no_tree_leftovers(&d).await;
+
+    // Warm, under the same name: nothing is unpacked, the tree is linked.
+    let mut client = d.client().await;
+    match banger_tests::artifacts::ask(&mut client, Request::ImageDelete { name: "img".into() })
+        .await
+    {
+        Ok(Response::Deleted { .. }) => {}
+        other => panic!("ImageDelete: {other:?}"),
+    }
+    let warm = pull(&d, pull_request(&reference, Some("img"))).await;
+    assert_eq!(
+        warm.stages(),
+        ["resolve", "download", "extract", "inject", "build", "publish"]
+    );
+    assert!(!unpacked_layers(&warm), "{:?}", warm.of_stage("extract"));
+    let summary = extract_summary(&warm);
+    assert!(summary.contains("from the tree cache"), "{summary}");
+    assert!(
+        warm.of_stage("extract").iter().any(|p| p
+            .detail
+            .contains(&format!("linking the cached tree {}", &keys[0][..12]))),
+        "{:?}",
+        warm.of_stage("extract")
+    );
+    let warm = warm.image();
+    assert_ne!(warm.id, cold.id);
+    // The same rootfs, fixups included, as the cold pull made.
+    assert_eq!(image_tree(&warm.rootfs_path), cold_tree);
+    let seed = Ext4Image::new(warm.work_seed_path.as_deref().expect("a work seed"));
+    assert!(seed
+        .read_string("/.ssh/authorized_keys")
+        .contains(&managed_public_key(&d)));
+    // The entry is untouched, and still the only one.
+    assert_eq!(tree_keys(&d), keys);
+    assert_eq!(host_tree(&entry.join("tree")), cached_tree);
+    assert_no_tree_leftovers(&d).await;
+    assert!(image_staging(&d).is_empty());
+
+    // Another name reuses it too, and gets its own hostname.
+    let other = pull(&d, pull_request(&reference, Some("other"))).await;
+    assert!(!unpacked_layers(&other));
+    let other = other.image();
+    let fs = Ext4Image::new(&other.rootfs_path);
+    assert_eq!(fs.read_string("/etc/hostname"), "other\n");
+    assert_eq!(fs.read_string("/etc/motd"), "welcome to warm\n");
+    assert_eq!(host_tree(&entry.join("tree")), cached_tree);
+}
+
+#[tokio::test]
+async fn interrupted_or_damaged_cached_trees_are_never_trusted() {
+    let reg = TestRegistry::start();
+    let mut d = TestDaemon::start();
+
+    // A build that fails on a hostile layer leaves no entry and no tmp dir.
+    let good = Blob::tar(
+        Layer::new()
+            .dir("etc")
+            .file("etc/passwd", "root:x:0:0::/root:/bin/sh\n")
+            .tar(),
+    );
+    let hostile = Blob::gzip(&Layer::new().file("../../escape", "pwned").tar());
+    let reference = push(&reg, "trees/hostile", "1", &[good, hostile]).await;
+    pull(&d, pull_request(&reference, None))
+        .await
+        .error(ErrorKind::InvalidRequest);
+    assert_no_tree_leftovers(&d).await;
+    assert!(tree_keys(&d).is_empty(), "{:?}", tree_keys(&d));
+    for escaped in [trees_dir(&d).join("escape"), layers_dir(&d).join("escape")] {
+        assert!(!escaped.exists(), "{} was created", escaped.display());
+    }
+
+    // A build cancelled while it unpacks leaves nothing either, and the
+    // next pull unpacks again.
+    let mut many = Layer::new().dir("many");
+    for i in 0..6000 {
+        many = many.file(&format!("many/f{i:05}"), format!("{i}\n"));
+    }
+    let blobs = vec![
+        Blob::tar(Layer::new().dir("etc").file("etc/a", "a\n").tar()),
+        Blob::tar(many.tar()),
+    ];
+    let reference = push(&reg, "trees/many", "1", &blobs).await;
+    let mut client = d.client().await;
+    let id = client
+        .send(Request::ImagePull(pull_request(&reference, None)))
+        .await
+        .expect("send pull");
+    let mut cancelled = false;
+    let reply = tokio::time::timeout(OP_TIMEOUT, async {
+        loop {
+            match client.next_message().await.expect("read frame") {
+                ServerMessage::Progress { id: pid, progress } if pid == id => {
+                    if progress.stage == "extract"
+                        && progress.detail.starts_with("layer 2/2")
+                        && !cancelled
+                    {
+                        client.cancel(id).await.expect("send cancel");
+                        cancelled = true;
+                    }
+                }
+                ServerMessage::Reply { id: rid, result } if rid == id => break result,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the cancelled pull ended");
+    assert!(cancelled, "the pull never reached its second layer");
+    let err = reply.expect_err("the pull was cancelled while unpacking 6000 files");
+    assert_eq!(err.kind, ErrorKind::Cancelled, "{err:?}");
+    assert_no_staging(&d).await;
+    assert_no_tree_leftovers(&d).await;
+    assert!(tree_keys(&d).is_empty(), "{:?}", tree_keys(&d));
+    let retry = pull(&d, pull_request(&reference, None)).await;
+    assert!(unpacked_layers(&retry));
+    assert!(extract_summary(&retry).contains("tree cached"));
+    let img = retry.image();
+    assert_eq!(Ext4Image::new(&img.rootfs_path).list("/many").len(), 6000);
+    assert_eq!(tree_keys(&d).len(), 1);
+
+    // Damaged entries: each is detected, not used, and rebuilt.
+    let reference = push(&reg, "trees/dmg", "1", &busybox_layers("dmg")).await;
+    pull(&d, pull_request(&reference, Some("dmg-0")))
+        .await
+        .image();
+    let key = tree_keys(&d)
+        .into_iter()
+        .find(|k| {
+            std::fs::read_to_string(trees_dir(&d).join(k).join("meta.json"))
+                .is_ok_and(|m| m.contains(&busybox_layers("dmg")[1].digest()))
+        })
+        .expect("the busybox entry");
+    let entry = trees_dir(&d).join(&key);
+    let pristine = host_tree(&entry.join("tree"));
+    let damages: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        (
+            "meta.json removed (a commit cut short)",
+            Box::new(|e: &Path| std::fs::remove_file(e.join("meta.json")).expect("rm meta")),
+        ),
+        (
+            "a file removed (a partial tree)",
+            Box::new(|e: &Path| std::fs::remove_file(e.join("tree/etc/motd")).expect("rm motd")),
+        ),
+        (
+            "a file rewritten in place",
+            Box::new(|e: &Path| {
+                let path = e.join("tree/etc/passwd");
+                let len = std::fs::metadata(&path).expect("passwd").len() as usize;
+                std::fs::write(&path, "x".repeat(len)).expect("rewrite passwd");
+            }),
+        ),
+    ];
+    for (i, (what, damage)) in damages.iter().enumerate() {
+        damage(&entry);
+        let name = format!("dmg-{}", i + 1);
+        let outcome = pull(&d, pull_request(&reference, Some(&name))).await;
+        let frames: Vec<String> = outcome
+            .of_stage("extract")
+            .iter()
+            .map(|p| p.detail.clone())
+            .collect();
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.contains("is damaged") || f.contains("is not trusted")),
+            "{what}: {frames:?}"
+        );
+        assert!(unpacked_layers(&outcome), "{what}: {frames:?}");
+        let fs = Ext4Image::new(outcome.image().rootfs_path);
+        assert_eq!(fs.read_string("/etc/motd"), "welcome to dmg\n", "{what}");
+        assert_eq!(
+            fs.read_string("/etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\n",
+            "{what}"
+        );
+        assert_eq!(host_tree(&entry.join("tree")), pristine, "{what}: rebuilt");
+        assert_no_tree_leftovers(&d).await;
+    }
+
+    // Leftovers of a build whose process died are pruned; those of a live
+    // process are kept until the daemon starts again. Foreign files stay.
+    let dead = trees_dir(&d).join(format!("{key}.99999999-0-0.tmp"));
+    let live = trees_dir(&d).join(format!("{key}.{}-0-0.tmp", std::process::id()));
+    for dir in [&dead, &live] {
+        std::fs::create_dir_all(dir.join("tree/etc")).expect("mkdir");
+        std::fs::write(dir.join("tree/etc/motd"), "half\n").expect("write");
+    }
+    std::fs::write(trees_dir(&d).join("notes"), "mine\n").expect("write");
+    match banger_tests::artifacts::ask(&mut client, Request::ImagePrune).await {
+        // The hostile image's two layers; every other layer is in use.
+        Ok(Response::Pruned(report)) => assert_eq!(report.layers_removed, 2, "{report:?}"),
+        other => panic!("ImagePrune: {other:?}"),
+    }
+    assert!(!dead.exists(), "a dead build's tree survived prune");
+    assert!(live.exists(), "prune removed a live build's tree");
+    let reused = pull(&d, pull_request(&reference, Some("dmg-next"))).await;
+    assert!(
+        !unpacked_layers(&reused),
+        "{:?}",
+        reused.of_stage("extract")
+    );
+    drop(client);
+    d.sigkill();
+    d.restart();
+    assert!(!live.exists(), "start-up left an unfinished tree");
+    assert!(trees_dir(&d).join("notes").exists());
+    assert_eq!(host_tree(&entry.join("tree")), pristine);
+}
+
+#[tokio::test]
 async fn prune_removes_only_unreferenced_layers_and_delete_removes_the_image() {
     let reg = TestRegistry::start();
     let a = busybox_layers("a");
@@ -555,6 +1080,28 @@ async fn prune_removes_only_unreferenced_layers_and_delete_removes_the_image() {
     let img_b = pull(&d, pull_request(&ref_b, Some("b"))).await.image();
     let all: Vec<String> = [digests(&a), digests(&b)[1..].to_vec()].concat();
     assert_eq!(cached(&d, &all), [true, true, true, true]);
+    // One cached tree per layer chain.
+    let tree_of = |d: &TestDaemon, blobs: &[Blob]| -> Option<String> {
+        let want = digests(blobs);
+        tree_keys(d).into_iter().find(|k| {
+            let meta: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(trees_dir(d).join(k).join("meta.json")).expect("meta.json"),
+            )
+            .expect("JSON");
+            let layers: Vec<String> = meta["layers"]
+                .as_array()
+                .expect("layers")
+                .iter()
+                .map(|l| l["digest"].as_str().expect("digest").to_string())
+                .collect();
+            layers == want
+        })
+    };
+    assert_eq!(tree_keys(&d).len(), 2, "{:?}", tree_keys(&d));
+    let (tree_a, tree_b) = (
+        tree_of(&d, &a).expect("a's tree"),
+        tree_of(&d, &b).expect("b's tree"),
+    );
 
     let mut client = d.client().await;
     // Nothing is unreferenced yet.
@@ -562,6 +1109,11 @@ async fn prune_removes_only_unreferenced_layers_and_delete_removes_the_image() {
         Ok(Response::Pruned(report)) => assert_eq!(report.layers_removed, 0, "{report:?}"),
         other => panic!("ImagePrune: {other:?}"),
     }
+    assert_eq!(tree_keys(&d), {
+        let mut both = vec![tree_a.clone(), tree_b.clone()];
+        both.sort();
+        both
+    });
 
     match banger_tests::artifacts::ask(&mut client, Request::ImageDelete { name: "a".into() }).await
     {
@@ -594,6 +1146,10 @@ async fn prune_removes_only_unreferenced_layers_and_delete_removes_the_image() {
     assert!(report.bytes_freed >= own_a, "{report:?} < {own_a}");
     // a[0] is shared with b and stays; a[1], a[2] go; b's own layer stays.
     assert_eq!(cached(&d, &all), [true, false, false, true]);
+    // a's tree went with a's layers (its bytes are in the report); b's stays.
+    assert_eq!(tree_keys(&d), [tree_b.clone()]);
+    assert!(!trees_dir(&d).join(&tree_a).exists());
+    assert!(tree_leftovers(&d).is_empty(), "{:?}", tree_leftovers(&d));
     assert_eq!(image_list(&mut client).await, vec![img_b.clone()]);
 
     match banger_tests::artifacts::ask(&mut client, Request::ImageDelete { name: "b".into() }).await
@@ -606,6 +1162,8 @@ async fn prune_removes_only_unreferenced_layers_and_delete_removes_the_image() {
         other => panic!("ImagePrune: {other:?}"),
     }
     assert_eq!(cached(&d, &all), [false, false, false, false]);
+    assert!(tree_keys(&d).is_empty(), "{:?}", tree_keys(&d));
+    assert!(tree_leftovers(&d).is_empty(), "{:?}", tree_leftovers(&d));
 }
 
 #[tokio::test]

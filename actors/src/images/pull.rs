@@ -1,15 +1,19 @@
 //! `banger image pull`: resolve → download (layers in parallel, cached by
-//! digest) → extract (layers in order, hostile-input safe) → inject →
-//! build (ext4 rootfs and work seed) → publish. Everything before
-//! publication happens in `<images>/<id>.staging` in the request task; a
-//! failure or a cancellation (the future is dropped) removes it.
+//! digest) → extract (a hardlink farm of the tree cache's entry for these
+//! layers, or the layers unpacked in order, hostile-input safe, into a new
+//! entry) → inject → build (ext4 rootfs and work seed) → publish.
+//! Everything before publication happens in `<images>/<id>.staging` (and
+//! an entry's `.tmp` dir in the tree cache) in the request task; a failure
+//! or a cancellation (the future is dropped) removes it.
 
+use std::path::Path;
 use std::time::Instant;
 
 use banger_image::cache::{LayerCache, Verify};
 use banger_image::ext4::{self, Ext4Error};
 use banger_image::registry::{self, Platform, PullEvent, PullOptions};
-use banger_image::unpack::{Limits, Unpacker};
+use banger_image::treecache::{FarmError, Lookup, TreeCache, TreeKey};
+use banger_image::unpack::{Limits, UnpackedTree, Unpacker};
 use banger_protocol::{ErrorData, ErrorKind, ImageInfo, ImagePullRequest, ImageRuntimeConfig};
 use tokio::sync::mpsc;
 
@@ -198,29 +202,40 @@ pub async fn pull(
     )
     .await;
 
-    // Extract.
+    // Extract: a hardlink farm of the cached tree of these layers, or the
+    // layers unpacked into a new tree cache entry (and farmed from it).
     let stage_started = Instant::now();
     let tree_dir = staging.path().join("tree");
-    std::fs::create_dir_all(&tree_dir).map_err(|e| err_of(ErrorKind::Internal, &e))?;
     let limits = Limits {
         max_image_bytes: settings.max_image_bytes,
         ..Limits::default()
     };
-    let unpacker = Unpacker::new(&tree_dir, limits).map_err(|e| err_of(ErrorKind::Internal, &e))?;
-    let tree = unpack_layers(
-        unpacker,
-        layers,
-        cache.clone(),
-        rctx.sink(),
-        rctx.cancel.clone(),
-    )
-    .await?;
+    let tree_key = TreeKey::new(
+        layers
+            .iter()
+            .map(|l| (l.descriptor.digest.clone(), l.descriptor.compression())),
+    );
+    let trees = cache
+        .trees()
+        .ok()
+        .filter(|t| t.can_farm_into(staging.path()));
+    let extracted = match &trees {
+        Some(trees) => {
+            extract_via_cache(trees, &tree_key, layers, &cache, limits, &tree_dir, rctx).await?
+        }
+        None => Extracted {
+            tree: unpack_into(&tree_dir, layers, &cache, limits, rctx).await?,
+            how: "the tree cache is not usable here".into(),
+        },
+    };
+    let tree = extracted.tree;
     rctx.progress(
         "extract",
         format!(
-            "{} in {} entries, in {:.1}s",
+            "{} in {} entries, {}, in {:.1}s",
             human_bytes(tree.bytes_written),
             tree.entries,
+            extracted.how,
             stage_started.elapsed().as_secs_f64()
         ),
         None,
@@ -265,19 +280,39 @@ pub async fn pull(
     rctx.progress("build", "ext4 rootfs and work seed".into(), None)
         .await;
     let rootfs = staging.path().join(ROOTFS);
-    let stats = ext4::build_rootfs(&tree, &rootfs, req.size)
-        .await
-        .map_err(|e| ext4_error(&e))?;
-    super::build_work_seed(&tree.root, staging.path()).await?;
+    // Both read the finished tree; mkfs.ext4 is single-threaded.
+    let seed_started = Instant::now();
+    let (stats, seed) = tokio::join!(ext4::build_rootfs(&tree, &rootfs, req.size), async {
+        let seed = super::build_work_seed(&tree.root, staging.path()).await;
+        (seed, seed_started.elapsed())
+    });
+    let stats = stats.map_err(|e| ext4_error(&e))?;
+    let (seed, seed_took) = seed;
+    seed?;
+    // The tree must leave the staging dir before it is published; it is
+    // removed in the background.
     let tree_root = tree.root.clone();
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(tree_root)).await;
+    let disposal = trees.clone();
+    let dispose_key = tree_key.clone();
+    let _ = tokio::task::spawn_blocking(move || match disposal {
+        Some(trees) => trees.dispose(&dispose_key, &tree_root),
+        None => {
+            let _ = std::fs::remove_dir_all(&tree_root);
+        }
+    })
+    .await;
+    let t = &stats.timings;
     rctx.progress(
         "build",
         format!(
-            "rootfs {} (tree {}), work seed, in {:.1}s",
+            "rootfs {} (tree {}), work seed, in {:.1}s (measure {}, mkfs.ext4 {}, fixups {}; work seed {})",
             human_bytes(stats.size),
             human_bytes(stats.tree_bytes),
-            stage_started.elapsed().as_secs_f64()
+            stage_started.elapsed().as_secs_f64(),
+            ms(t.measure),
+            ms(t.mkfs),
+            ms(t.fixups),
+            ms(seed_took),
         ),
         None,
     )
@@ -315,6 +350,165 @@ pub async fn pull(
     Ok(info)
 }
 
+/// The pull's tree and how it was made (for the `extract` stage's detail).
+struct Extracted {
+    tree: UnpackedTree,
+    how: String,
+}
+
+/// Makes the pull's tree at `dest` through the tree cache: a farm of the
+/// cached tree of `key` when there is a sound one, else the layers
+/// unpacked into a new entry, farmed from it. Builders of one key take
+/// turns (the others then find the entry); a damaged entry is discarded
+/// and rebuilt; a farm that cannot be made here falls back to unpacking
+/// into `dest` directly.
+async fn extract_via_cache(
+    trees: &TreeCache,
+    key: &TreeKey,
+    layers: Vec<registry::CachedLayer>,
+    cache: &LayerCache,
+    limits: Limits,
+    dest: &Path,
+    rctx: &RequestCtx,
+) -> Result<Extracted, ErrorData> {
+    let _lock = trees.lock(key).await;
+    let lookup = {
+        let (trees, key) = (trees.clone(), key.clone());
+        blocking(move || Ok(trees.lookup(&key, &limits))).await?
+    };
+    match lookup {
+        Lookup::Hit(entry) => {
+            rctx.progress(
+                "extract",
+                format!(
+                    "linking the cached tree {} of {} layers ({} entries)",
+                    key.short(),
+                    layers.len(),
+                    entry.entries()
+                ),
+                None,
+            )
+            .await;
+            let started = Instant::now();
+            let farmed = {
+                let (trees, dest) = (trees.clone(), dest.to_path_buf());
+                blocking(move || Ok(trees.farm(&entry, &dest))).await?
+            };
+            match farmed {
+                Ok(tree) => {
+                    return Ok(Extracted {
+                        tree,
+                        how: format!("from the tree cache (linked in {})", ms(started.elapsed())),
+                    })
+                }
+                Err(FarmError::Damaged(why)) => {
+                    tracing::warn!(key = key.hex(), %why, "cached tree damaged; unpacking again");
+                    rctx.progress(
+                        "extract",
+                        format!(
+                            "the cached tree {} is damaged ({why}); unpacking again",
+                            key.short()
+                        ),
+                        None,
+                    )
+                    .await;
+                    trees.discard(key);
+                }
+                Err(FarmError::Unusable(why)) => {
+                    tracing::info!(key = key.hex(), %why, "cannot link the cached tree; unpacking");
+                    return Ok(Extracted {
+                        tree: unpack_into(dest, layers, cache, limits, rctx).await?,
+                        how: format!("tree cache not used: {why}"),
+                    });
+                }
+            }
+        }
+        Lookup::Damaged(why) => {
+            tracing::warn!(key = key.hex(), %why, "cached tree unusable; unpacking again");
+            rctx.progress(
+                "extract",
+                format!(
+                    "the cached tree {} is not trusted ({why}); unpacking again",
+                    key.short()
+                ),
+                None,
+            )
+            .await;
+            trees.discard(key);
+        }
+        Lookup::OverLimits(why) => {
+            tracing::info!(key = key.hex(), %why, "cached tree over the limits; unpacking");
+        }
+        Lookup::Miss => {}
+    }
+    let build = trees
+        .begin(key)
+        .map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    let unpacker =
+        Unpacker::new(&build.tree_dir(), limits).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    let started = Instant::now();
+    let tree = unpack_layers(
+        unpacker,
+        layers,
+        cache.clone(),
+        rctx.sink(),
+        rctx.cancel.clone(),
+    )
+    .await?;
+    let unpacked = started.elapsed();
+    let started = Instant::now();
+    let committed = {
+        let dest = dest.to_path_buf();
+        blocking(move || {
+            build
+                .commit(tree, &dest)
+                .map_err(|e| err_of(ErrorKind::Internal, &e))
+        })
+        .await?
+    };
+    let times = format!(
+        "unpacked in {}, linked in {}",
+        ms(unpacked),
+        ms(started.elapsed())
+    );
+    let how = match committed.note {
+        None => format!("tree cached for later pulls ({times})"),
+        Some(note) => format!("tree not cached: {note} ({times})"),
+    };
+    Ok(Extracted {
+        tree: committed.tree,
+        how,
+    })
+}
+
+/// Unpacks the layers straight into `dest` (no tree cache).
+async fn unpack_into(
+    dest: &Path,
+    layers: Vec<registry::CachedLayer>,
+    cache: &LayerCache,
+    limits: Limits,
+    rctx: &RequestCtx,
+) -> Result<UnpackedTree, ErrorData> {
+    std::fs::create_dir_all(dest).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    let unpacker = Unpacker::new(dest, limits).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+    unpack_layers(
+        unpacker,
+        layers,
+        cache.clone(),
+        rctx.sink(),
+        rctx.cancel.clone(),
+    )
+    .await
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ErrorData> + Send + 'static,
+) -> Result<T, ErrorData> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ErrorData::new(ErrorKind::Internal, format!("worker thread failed: {e}")))?
+}
+
 /// Applies the layers in order. Decompression and tar parsing are CPU
 /// work: they run on a blocking-pool thread with a runtime of their own,
 /// so the daemon's async workers keep serving other requests meanwhile.
@@ -324,7 +518,7 @@ async fn unpack_layers(
     cache: LayerCache,
     sink: ProgressSink,
     cancel: tokio_util::sync::CancellationToken,
-) -> Result<banger_image::unpack::UnpackedTree, ErrorData> {
+) -> Result<UnpackedTree, ErrorData> {
     let work = async move {
         let n = layers.len();
         for (i, layer) in layers.iter().enumerate() {
@@ -365,6 +559,10 @@ fn pull_kind(err: &registry::PullError) -> ErrorKind {
         E::Cancelled => ErrorKind::Cancelled,
         _ => ErrorKind::InvalidRequest,
     }
+}
+
+fn ms(d: std::time::Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 pub(crate) fn short(digest: &str) -> &str {

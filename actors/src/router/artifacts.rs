@@ -171,8 +171,15 @@ async fn prune(rctx: &RequestCtx, layout: &Layout) -> Result<PruneReport, ErrorD
     .await
     .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))?;
     let stats = stats.map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))?;
-    rctx.progress("prune", format!("{} layers removed", stats.removed), None)
-        .await;
+    rctx.progress(
+        "prune",
+        format!(
+            "{} layers and {} cached trees removed",
+            stats.removed, stats.trees_removed
+        ),
+        None,
+    )
+    .await;
     Ok(PruneReport {
         layers_removed: stats.removed as u64,
         bytes_freed: stats.bytes_freed,

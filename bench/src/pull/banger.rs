@@ -32,6 +32,9 @@ pub struct Pulled {
     /// CPU time of the daemon and the children it ran meanwhile.
     pub cpu: Duration,
     pub image: ImageInfo,
+    /// The last detail of the `extract` and `build` stages (they say how
+    /// the tree was made and where the build's time went).
+    pub details: String,
 }
 
 impl Pulled {
@@ -90,11 +93,23 @@ pub async fn pull(socket: &Path, pid: u32, reference: &str, name: &str) -> anyho
         Ok(Ok(Response::Image(image))) => image,
         Ok(Ok(other)) => bail!("bangerd answered ImagePull with {other:?}"),
     };
+    let details = ["extract", "build"]
+        .iter()
+        .filter_map(|stage| {
+            progress
+                .iter()
+                .rev()
+                .find(|p| p.stage == *stage)
+                .map(|p| format!("{stage}: {}", p.detail))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
     Ok(Pulled {
         total,
         stages: stages(&progress, total),
         cpu,
         image,
+        details,
     })
 }
 

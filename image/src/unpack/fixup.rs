@@ -146,6 +146,18 @@ pub(crate) fn resolve(root: &Path, deferred: &DeferredMap) -> Result<Vec<Fixup>,
     Ok(out)
 }
 
+/// The fixups of `list` whose path under `root` is still the inode
+/// `(st_dev, st_ino)` recorded with it; see `TreeFixups::ByPath`.
+pub(crate) fn still_applying(root: &Path, list: Vec<(Fixup, (u64, u64))>) -> Vec<Fixup> {
+    list.into_iter()
+        .filter(|(fixup, (dev, ino))| {
+            let rel = fixup.path.strip_prefix("/").unwrap_or(&fixup.path);
+            rustix::fs::lstat(root.join(rel)).is_ok_and(|st| st.st_dev == *dev && st.st_ino == *ino)
+        })
+        .map(|(fixup, _)| fixup)
+        .collect()
+}
+
 fn to_fixup(path: PathBuf, meta: &std::fs::Metadata, d: &Deferred) -> Fixup {
     let ft = meta.file_type();
     let type_bits = match d.node {

@@ -153,6 +153,17 @@ pub(crate) struct Budget {
     pub max_image_bytes: u64,
 }
 
+/// Decompressed bytes a chain of layers with `entries` members in all may
+/// stream under `max_image_bytes` (what [`TarGuard`] enforces).
+pub(crate) fn stream_allowance(max_image_bytes: u64, entries: u64) -> u64 {
+    Budget {
+        consumed: 0,
+        entries,
+        max_image_bytes,
+    }
+    .allowed()
+}
+
 impl Budget {
     fn allowed(&self) -> u64 {
         self.max_image_bytes
