@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use banger_protocol::client::ClientError;
 use banger_protocol::{ExitStatus, Request, Response, VmCreateRequest, VmState};
-use banger_tests::artifacts::run;
+use banger_tests::artifacts::{images_dir, run};
 use banger_tests::vm::{
     ask, busybox_setup, describe, dig, exec, network, qemu_pids, vm, BOOT, SHORT,
 };
@@ -92,6 +92,28 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
     assert_eq!(hostname.trim(), "bb");
     let (_, addr, _) = exec(&mut c, "bb", &["busybox", "ip", "-4", "addr"]).await;
     assert!(addr.contains(&ip.to_string()), "guest addresses: {addr}");
+
+    // /root is the work disk, grown to the VM's disk size (a clone of the
+    // image's per-size template), and what is written there is the VM's.
+    let (_, df, _) = exec(&mut c, "bb", &["busybox", "df", "-k", "/root"]).await;
+    let total_kib: u64 = df
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("df /root: {df}"));
+    let disk_kib = info.disk_bytes >> 10;
+    assert!(
+        total_kib > disk_kib * 9 / 10 && total_kib <= disk_kib,
+        "/root has {total_kib} KiB, the VM's disk is {disk_kib} KiB:\n{df}"
+    );
+    let (status, _, _) = exec(
+        &mut c,
+        "bb",
+        &["sh", "-c", "echo kept > /root/mark && busybox sync"],
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(0));
 
     // The guest answers on its address, from the namespace, and by name.
     let ping = d.exec_in_ns(["ping", "-c", "1", "-W", "5", &ip.to_string()]);
@@ -196,6 +218,27 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
     assert_eq!(started.ip, Some(ip));
     let (status, _, _) = exec(&mut c, "bb", &["busybox", "true"]).await;
     assert_eq!(status, ExitStatus::Code(0));
+    let (_, mark, _) = exec(&mut c, "bb", &["busybox", "cat", "/root/mark"]).await;
+    assert_eq!(mark.trim(), "kept", "the work disk survives stop/start");
+    // The per-image templates are unchanged by the VM's writes.
+    let templates = std::fs::read_dir(images_dir(&d))
+        .expect("images dir")
+        .map(|e| e.expect("entry").path().join("templates"))
+        .find(|p| p.is_dir())
+        .expect("the image has a templates directory");
+    let work_template = templates.join(format!("work-{}.ext4", info.disk_bytes >> 20));
+    let dump = Command::new("debugfs")
+        .args(["-R", "ls -l /"])
+        .arg(&work_template)
+        .output()
+        .expect("debugfs");
+    let listing = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.status.success() && !listing.contains("mark"),
+        "{}: {listing}",
+        work_template.display()
+    );
+    assert!(templates.join("root.qcow2").is_file());
 
     // Delete: nothing is left.
     match ask(

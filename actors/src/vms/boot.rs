@@ -164,7 +164,23 @@ async fn root_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<DiskSpec, 
     let t = Instant::now();
     if rec.vmm == VmmKind::Qemu && (qcow.exists() || (!raw.exists() && disks::have_qemu_img())) {
         if !qcow.exists() {
-            disks::qcow2_overlay(&rec.rootfs, &qcow).await?;
+            // Every overlay of an image is the same small file (its
+            // backing file is the image's rootfs): made once, then copied.
+            match disks::templates_dir(&rec.rootfs, rec.work_seed.as_deref()) {
+                Some(templates) => {
+                    let rootfs = rec.rootfs.clone();
+                    let template =
+                        disks::template(&templates.join("root.qcow2"), |tmp| async move {
+                            disks::qcow2_overlay(&rootfs, &tmp).await
+                        })
+                        .await?;
+                    let dst = qcow.clone();
+                    tokio::task::spawn_blocking(move || disks::clone_file(&template, &dst))
+                        .await
+                        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+                }
+                None => disks::qcow2_overlay(&rec.rootfs, &qcow).await?,
+            }
             log.stage_done("disks", "root disk: copy-on-write overlay of the image", t);
         }
         return Ok(DiskSpec {
@@ -203,11 +219,34 @@ async fn work_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<Option<Dis
         let t = Instant::now();
         let tmp = dir.join("work.ext4.tmp");
         let _ = std::fs::remove_file(&tmp);
-        let (src, dst) = (seed.clone(), tmp.clone());
-        let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
-            .await
-            .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
-        disks::grow_ext4(&tmp, rec.disk_bytes).await?;
+        // The seed grown to a size is the same for every VM of the image:
+        // grown once (a template per size), then cloned.
+        let method = match disks::templates_dir(&rec.rootfs, Some(seed)) {
+            Some(templates) => {
+                let (seed, bytes) = (seed.clone(), rec.disk_bytes);
+                let name = format!("work-{}.ext4", bytes >> 20);
+                let template = disks::template(&templates.join(name), |tmp| async move {
+                    let (src, dst) = (seed, tmp.clone());
+                    tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
+                        .await
+                        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+                    disks::grow_ext4(&tmp, bytes).await
+                })
+                .await?;
+                let dst = tmp.clone();
+                tokio::task::spawn_blocking(move || disks::clone_file(&template, &dst))
+                    .await
+                    .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??
+            }
+            None => {
+                let (src, dst) = (seed.clone(), tmp.clone());
+                let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
+                    .await
+                    .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+                disks::grow_ext4(&tmp, rec.disk_bytes).await?;
+                method
+            }
+        };
         std::fs::rename(&tmp, &work).map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))?;
         log.stage_done(
             "disks",

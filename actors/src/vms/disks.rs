@@ -208,9 +208,101 @@ pub async fn modules_disk(modules: &Path) -> Result<PathBuf, ErrorData> {
     Ok(disk)
 }
 
+/// Where the per-image disk templates of a managed image live: a
+/// `templates` directory in the image's own directory (removed with it).
+/// `None` for an image outside managed storage, whose directory is the
+/// user's: its disks are made from scratch for every VM.
+pub fn templates_dir(rootfs: &Path, work_seed: Option<&Path>) -> Option<PathBuf> {
+    let dir = rootfs.parent()?;
+    (work_seed?.parent()? == dir).then(|| dir.join("templates"))
+}
+
+/// The template at `path`, made by `make` (given a temporary path in the
+/// same directory) when missing and renamed into place, so concurrent
+/// first uses are safe and a failed or interrupted one leaves nothing
+/// that looks finished. Every VM's disk is then a clone of it: the same
+/// work for every VM of an image is done once.
+pub async fn template<F, Fut>(path: &Path, make: F) -> Result<PathBuf, ErrorData>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ErrorData>>,
+{
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", crate::layout::new_id()));
+    let made = make(tmp.clone()).await;
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(format!("publishing {}", path.display()))(e)
+    })?;
+    Ok(path.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_only_for_managed_images() {
+        let managed = templates_dir(
+            Path::new("/s/images/abc/rootfs.ext4"),
+            Some(Path::new("/s/images/abc/work-seed.ext4")),
+        );
+        assert_eq!(managed, Some(PathBuf::from("/s/images/abc/templates")));
+        // A registered image: no seed, or a rootfs elsewhere.
+        assert_eq!(templates_dir(Path::new("/home/u/root.ext4"), None), None);
+        assert_eq!(
+            templates_dir(
+                Path::new("/home/u/root.ext4"),
+                Some(Path::new("/s/images/abc/work-seed.ext4"))
+            ),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_template_is_made_once_and_a_failed_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("templates/t.img");
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let make = |tmp: PathBuf| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                std::fs::write(&tmp, b"made")
+                    .map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))
+            }
+        };
+        assert_eq!(template(&path, make).await.unwrap(), path);
+        assert_eq!(template(&path, make).await.unwrap(), path);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), b"made");
+
+        let failed = dir.path().join("templates/f.img");
+        let err = template(&failed, |tmp: PathBuf| async move {
+            std::fs::write(&tmp, b"half").unwrap();
+            Err(ErrorData::new(ErrorKind::Internal, "disk full"))
+        })
+        .await
+        .unwrap_err();
+        assert!(err.message.contains("disk full"), "{err:?}");
+        assert!(!failed.exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("templates"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("t.img")]);
+    }
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {
