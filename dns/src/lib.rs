@@ -149,4 +149,6 @@ pub enum DnsError {
     },
     #[error("invalid DNS limits: {0}")]
     InvalidLimit(&'static str),
+    #[error("cannot start the DNS server thread")]
+    Thread(#[source] io::Error),
 }

@@ -1,7 +1,8 @@
-//! Serving: a [`DnsServer`] is hickory-server's [`Server`] reading the UDP
-//! socket, plus a TCP acceptor of ours, both feeding one [`Handler`] (a
-//! hickory-server [`RequestHandler`]). The daemon's Dns actor starts it,
-//! keeps the [`Records`] handle, and shuts it down (or drops it).
+//! Serving: a [`DnsServer`] is a thread of its own (`dns`, a current-thread
+//! tokio runtime) running hickory-server's [`Server`] on the UDP socket and
+//! a TCP acceptor of ours, both feeding one [`Handler`] (a hickory-server
+//! [`RequestHandler`]). The daemon's Dns actor starts it, keeps the
+//! [`Records`] handle, and shuts it down (or drops it).
 //!
 //! What hickory-server does: UDP receive and send, TCP framing (its
 //! `TcpStream`), the idle timeout of a TCP connection (its
@@ -45,7 +46,7 @@ use hickory_server::zone_handler::Queries;
 use hickory_server::Server;
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tracing::{debug, error, info, instrument, warn};
@@ -74,17 +75,18 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 const LOG_WINDOW: Duration = Duration::from_secs(10);
 const LOG_PER_WINDOW: u32 = 5;
 
-/// A running DNS server. Dropping it aborts its tasks (closing the sockets
-/// shortly after); [`shutdown`](Self::shutdown) also waits for that.
+/// A running DNS server, on a thread of its own. Dropping it stops that
+/// thread (closing the sockets shortly after); [`shutdown`](Self::shutdown)
+/// also waits for that.
 pub struct DnsServer {
     local_addr: SocketAddr,
     zone: String,
     records: Records,
     handler: Arc<Handler>,
-    /// hickory-server, serving UDP.
-    udp: Server<Serve>,
-    /// Our TCP acceptor (and, under it, every connection).
-    tcp: JoinSet<()>,
+    /// Stops the DNS thread (so does dropping it).
+    stop: Option<oneshot::Sender<()>>,
+    /// Fires when the DNS thread has closed the sockets.
+    stopped: oneshot::Receiver<()>,
 }
 
 impl fmt::Debug for DnsServer {
@@ -155,8 +157,9 @@ impl Counters {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on `cfg.listen` and starts serving. Must be called
-    /// inside a tokio runtime. The returned [`Records`] starts empty.
+    /// Binds UDP and TCP on `cfg.listen` and starts serving on a thread of
+    /// its own. Must be called inside a tokio runtime (it binds there). The
+    /// returned [`Records`] starts empty.
     #[instrument(skip_all, fields(listen = %cfg.listen, zone = %cfg.zone))]
     pub async fn start(cfg: DnsConfig) -> Result<(DnsServer, Records), DnsError> {
         cfg.limits.validate()?;
@@ -179,10 +182,31 @@ impl DnsServer {
             counters: Counters::default(),
             connections: Mutex::new(ConnectionTable::default()),
         });
-        let mut server = Server::new(Serve(handler.clone()));
-        server.register_socket(udp);
-        let mut tasks = JoinSet::new();
-        tasks.spawn(tcp_acceptor(tcp, handler.clone()));
+        let (stop, stop_rx) = oneshot::channel();
+        let (stopped_tx, stopped) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DnsError::Thread)?;
+        // Move the sockets to the new runtime's reactor.
+        let (udp, tcp) = {
+            let _in_runtime = runtime.enter();
+            let udp = udp.into_std().and_then(UdpSocket::from_std);
+            let tcp = tcp.into_std().and_then(TcpListener::from_std);
+            (
+                udp.map_err(DnsError::Thread)?,
+                tcp.map_err(DnsError::Thread)?,
+            )
+        };
+        let serving = handler.clone();
+        std::thread::Builder::new()
+            .name("dns".to_string())
+            .spawn(move || {
+                runtime.block_on(serve(udp, tcp, serving, stop_rx));
+                drop(runtime);
+                let _ = stopped_tx.send(());
+            })
+            .map_err(DnsError::Thread)?;
 
         let zone = handler.zone.name.to_string();
         info!(%local_addr, %zone, ttl = cfg.ttl, "DNS server listening");
@@ -191,8 +215,8 @@ impl DnsServer {
             zone,
             records: records.clone(),
             handler,
-            udp: server,
-            tcp: tasks,
+            stop: Some(stop),
+            stopped,
         };
         Ok((server, records))
     }
@@ -216,12 +240,35 @@ impl DnsServer {
     /// is handling), aborts the TCP acceptor and every open connection, and
     /// returns once the sockets are closed.
     pub async fn shutdown(mut self) {
-        if let Err(error) = self.udp.shutdown_gracefully().await {
-            warn!(%error, "DNS UDP server ended with an error");
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        self.tcp.shutdown().await;
+        let _ = (&mut self.stopped).await;
         info!(local_addr = %self.local_addr, zone = %self.zone, "DNS server stopped");
     }
+}
+
+/// The DNS thread's work: hickory-server's `Server` on UDP and our TCP
+/// acceptor, on a current-thread runtime of their own, until `stop` fires
+/// or its sender is dropped. hickory-server spawns a task per datagram and
+/// hands each response back to the socket's task; on one thread that
+/// costs no cross-thread wake-ups (on the daemon's multi-thread runtime
+/// it halved the throughput, see `docs/benchmarks.md`).
+async fn serve(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    handler: Arc<Handler>,
+    stop: oneshot::Receiver<()>,
+) {
+    let mut server = Server::new(Serve(handler.clone()));
+    server.register_socket(udp);
+    let mut tcp_tasks = JoinSet::new();
+    tcp_tasks.spawn(tcp_acceptor(tcp, handler));
+    let _ = stop.await;
+    if let Err(error) = server.shutdown_gracefully().await {
+        warn!(%error, "DNS UDP server ended with an error");
+    }
+    tcp_tasks.shutdown().await;
 }
 
 /// Binds UDP, then TCP on the same address and port.
