@@ -20,9 +20,10 @@ pub fn init(log_file: &Path, level: &str) -> anyhow::Result<WorkerGuard> {
     let appender = tracing_appender::rolling::never(dir, name);
     let (writer, guard) = tracing_appender::non_blocking(appender);
     let filter = || {
-        EnvFilter::try_from_default_env()
+        let filter = EnvFilter::try_from_default_env()
             .or_else(|_| EnvFilter::try_new(level))
-            .unwrap_or_else(|_| EnvFilter::new("info"))
+            .unwrap_or_else(|_| EnvFilter::new("info"));
+        quiet_hickory(filter)
     };
     tracing_subscriber::registry()
         .with(
@@ -42,4 +43,17 @@ pub fn init(log_file: &Path, level: &str) -> anyhow::Result<WorkerGuard> {
         )
         .try_init()?;
     Ok(guard)
+}
+
+/// hickory-server (the DNS server, `banger-dns`) logs every response at
+/// `info` and every request at `debug`: keep its target at `warn` unless
+/// the filter names it.
+fn quiet_hickory(filter: EnvFilter) -> EnvFilter {
+    if filter.to_string().contains("hickory") {
+        return filter;
+    }
+    match "hickory_server=warn".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }

@@ -1,49 +1,57 @@
-//! One request message in, at most one response message out. Pure and
-//! synchronous: the transports (`server.rs`) own the sockets, this module
-//! owns what is answered how (see `docs/dns.md`).
+//! What is answered how (see `docs/dns.md`): one decoded request in, one
+//! [`Decision`] out. Pure and synchronous: hickory-server reads and decodes
+//! the messages and writes the responses (`server.rs`); this module decides
+//! the response code, the flags and which records go in.
 //!
-//! The question is echoed exactly as it arrived (case included, for
-//! clients that use the 0x20 bit), and answer records carry the question's
-//! name, so `WeB.Vm.` gets `WeB.Vm. A …`.
+//! The question is echoed exactly as it arrived (hickory-server copies its
+//! bytes), case included, for clients that use the 0x20 bit; answer records
+//! carry the question's spelling too, so `WeB.Vm.` gets `WeB.Vm. A …`.
 
 use std::iter;
+use std::net::SocketAddr;
+use std::sync::LazyLock;
 
-use hickory_proto::op::{
-    emit_message_parts, Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query,
-    ResponseCode,
-};
+use hickory_proto::op::{Edns, Header, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
-use hickory_proto::serialize::binary::{
-    BinDecodable, BinDecoder, BinEncodable, BinEncoder, DecodeError,
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use hickory_proto::ProtoError;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::Request;
+use hickory_server::zone_handler::{
+    MessageRequest, MessageResponse, MessageResponseBuilder, Queries,
 };
 
 use crate::name::query_key;
 use crate::records::{Lookup, Snapshot, Zone};
 
 /// Largest UDP response we offer through EDNS (the DNS Flag Day 2020 size:
-/// no IP fragmentation on any sane path).
+/// no IP fragmentation on any sane path). hickory-server caps UDP
+/// responses at this (512 without EDNS).
 pub(crate) const SERVER_UDP_PAYLOAD: u16 = 1232;
-/// Without EDNS a UDP response may not exceed 512 bytes.
-const PLAIN_UDP_PAYLOAD: u16 = 512;
 /// A DNS header's size; anything shorter gets no response.
 pub(crate) const HEADER_LEN: usize = 12;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transport {
-    Udp,
-    Tcp,
+/// A question section with no question, for responses that must not echo
+/// one (hickory-server's builder always takes one).
+static NO_QUESTION: LazyLock<Queries> = LazyLock::new(|| {
+    Queries::read(&mut BinDecoder::new(&[]), 0).unwrap_or_else(|_| unreachable!("0 questions"))
+});
+
+/// The OPT record of our responses: version 0, 1232 bytes, no options.
+pub(crate) fn server_edns() -> Edns {
+    let mut edns = Edns::new();
+    edns.set_max_payload(SERVER_UDP_PAYLOAD);
+    edns
 }
 
-/// What became of one request.
+/// What became of one request that gets a response.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// The response is in the output buffer.
+    /// An answer (or a refusal) with this code.
     Answered(ResponseCode),
-    /// A FORMERR is in the output buffer.
+    /// FORMERR.
     Malformed(Malformed),
-    /// Send nothing.
-    Dropped(Dropped),
 }
 
 /// Why a request got FORMERR.
@@ -52,11 +60,11 @@ pub(crate) enum Malformed {
     #[error("request is {0} bytes, over the limit")]
     TooLarge(usize),
     #[error("request has {0} questions, not 1")]
-    QuestionCount(u16),
+    QuestionCount(usize),
     #[error("query carries answer or authority records")]
     RecordsInQuery,
     #[error("cannot decode request")]
-    Decode(#[source] DecodeError),
+    Decode(#[source] ProtoError),
 }
 
 /// Why a request got no response at all.
@@ -67,163 +75,190 @@ pub(crate) enum Dropped {
     /// The QR bit says it is a response; answering could start a loop
     /// between two servers or reflect traffic.
     NotAQuery,
-    /// The response could not be encoded (should not happen).
-    Unencodable,
+    /// The client is over its query rate (UDP).
+    OverRate,
+    /// Handling the request panicked (a bug).
+    Panicked,
 }
 
-/// Everything a response needs besides the request bytes.
+/// One request's fate. Lives on the stack for one request (never in a
+/// collection), so a large `Reply` is fine unboxed.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Decision {
+    Reply(Reply),
+    Drop(Dropped),
+}
+
+/// The answer section of a [`Reply`].
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // as `Decision`
+pub(crate) enum Answer {
+    None,
+    /// The A record, under the question's spelling.
+    Address(Record),
+    Soa,
+    Ns,
+    SoaAndNs,
+}
+
+/// A response, before hickory-server encodes it.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) meta: Metadata,
+    /// Echo the request's question section (otherwise it is left empty).
+    pub(crate) echo_question: bool,
+    /// Add our OPT record (the request had one).
+    pub(crate) edns: bool,
+    pub(crate) answer: Answer,
+    /// The zone's SOA in the authority section (negative answers).
+    pub(crate) soa_in_authority: bool,
+    pub(crate) outcome: Outcome,
+}
+
+impl Reply {
+    fn new(request: &Metadata, code: ResponseCode, outcome: Outcome) -> Self {
+        let mut meta = Metadata::response_from_request(request);
+        meta.response_code = code;
+        Self {
+            meta,
+            echo_question: false,
+            edns: false,
+            answer: Answer::None,
+            soa_in_authority: false,
+            outcome,
+        }
+    }
+
+    fn formerr(request: &Metadata, why: Malformed) -> Self {
+        Self::new(request, ResponseCode::FormErr, Outcome::Malformed(why))
+    }
+
+    fn answered(request: &Metadata, code: ResponseCode) -> Self {
+        Self::new(request, code, Outcome::Answered(code))
+    }
+
+    /// Sets the code of a reply that is already under way.
+    fn code(mut self, code: ResponseCode) -> Self {
+        self.meta.response_code = code;
+        self.outcome = Outcome::Answered(code);
+        self
+    }
+
+    /// The message to hand to hickory-server: `question` is the request's
+    /// question section, echoed if the reply says so.
+    pub(crate) fn message<'q, 'a>(
+        &'a self,
+        question: &'q Queries,
+        edns: &'q Edns,
+        zone: &'a Zone,
+        records: &'a Snapshot,
+    ) -> MessageResponse<
+        'q,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    > {
+        let question: &Queries = if self.echo_question {
+            question
+        } else {
+            &NO_QUESTION
+        };
+        let (first, second) = match &self.answer {
+            Answer::None => (None, None),
+            Answer::Address(record) => (Some(record), None),
+            Answer::Soa => (Some(&records.soa), None),
+            Answer::Ns => (Some(&zone.ns), None),
+            Answer::SoaAndNs => (Some(&records.soa), Some(&zone.ns)),
+        };
+        let authority = self.soa_in_authority.then_some(&records.soa);
+        MessageResponseBuilder::new(question, self.edns.then_some(edns)).build(
+            self.meta,
+            first.into_iter().chain(second),
+            authority,
+            iter::empty(),
+            iter::empty(),
+        )
+    }
+}
+
+/// Everything a decision needs besides the request.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Context<'a> {
     pub(crate) zone: &'a Zone,
     pub(crate) records: &'a Snapshot,
+    /// Larger requests get FORMERR.
     pub(crate) max_request: usize,
-    pub(crate) transport: Transport,
 }
 
-/// A response in the making.
-struct Reply<'r> {
-    meta: Metadata,
-    query: Option<&'r Query>,
-    answers: [Option<&'r Record>; 2],
-    authority: Option<&'r Record>,
-    edns: Option<Edns>,
-    max_size: u16,
-}
-
-impl Reply<'_> {
-    fn emit(&self, out: &mut Vec<u8>) -> Result<(), hickory_proto::ProtoError> {
-        out.clear();
-        let mut encoder = BinEncoder::new(out);
-        encoder.set_max_size(self.max_size);
-        emit_message_parts(
-            &self.meta,
-            &mut self.query.into_iter(),
-            &mut self.answers.iter().filter_map(|r| *r),
-            &mut self.authority.into_iter(),
-            &mut iter::empty::<&Record>(),
-            self.edns.as_ref(),
-            None,
-            &mut encoder,
-        )?;
-        Ok(())
-    }
-
-    /// Writes the reply, falling back to a bare SERVFAIL header if it cannot
-    /// be encoded.
-    fn finish(mut self, out: &mut Vec<u8>, outcome: Outcome) -> Outcome {
-        if self.emit(out).is_ok() {
-            return outcome;
+/// Decodes one message the way hickory-server's `Server` does before it
+/// calls a handler: nothing for a message shorter than a header, FORMERR
+/// (from the header) for one that cannot be decoded, and nothing when that
+/// header says it is a response. Over UDP hickory-server does this itself;
+/// the TCP connections in `server.rs` call this.
+#[allow(clippy::result_large_err)] // as `Decision`; `Request` is as large
+pub(crate) fn decode(
+    raw: Vec<u8>,
+    src: SocketAddr,
+    protocol: Protocol,
+) -> Result<Request, Decision> {
+    let Ok(header) = Header::read(&mut BinDecoder::new(&raw)) else {
+        return Err(Decision::Drop(Dropped::TooShort(raw.len())));
+    };
+    Request::from_bytes(raw, src, protocol).map_err(|error| {
+        if header.metadata.message_type == MessageType::Response {
+            Decision::Drop(Dropped::NotAQuery)
+        } else {
+            Decision::Reply(Reply::formerr(&header.metadata, Malformed::Decode(error)))
         }
-        self.meta.response_code = ResponseCode::ServFail;
-        let header = Header {
-            metadata: self.meta,
-            counts: HeaderCounts::default(),
-        };
-        out.clear();
-        match header.emit(&mut BinEncoder::new(out)) {
-            Ok(()) => Outcome::Answered(ResponseCode::ServFail),
-            Err(_) => Outcome::Dropped(Dropped::Unencodable),
-        }
-    }
+    })
 }
 
-/// FORMERR for a request too large to read (TCP: only its header was
-/// read). `header` holds at least the first 12 bytes of the request.
-pub(crate) fn too_large(
-    header: &[u8],
-    size: usize,
-    transport: Transport,
-    out: &mut Vec<u8>,
-) -> Outcome {
-    out.clear();
-    let Ok(header) = Header::read(&mut BinDecoder::new(header)) else {
-        return Outcome::Dropped(Dropped::TooShort(header.len()));
-    };
-    if header.metadata.message_type == MessageType::Response {
-        return Outcome::Dropped(Dropped::NotAQuery);
-    }
-    let mut meta = Metadata::response_from_request(&header.metadata);
-    meta.response_code = ResponseCode::FormErr;
-    let reply = Reply {
-        meta,
-        query: None,
-        answers: [None, None],
-        authority: None,
-        edns: None,
-        max_size: match transport {
-            Transport::Udp => PLAIN_UDP_PAYLOAD,
-            Transport::Tcp => u16::MAX,
-        },
-    };
-    reply.finish(out, Outcome::Malformed(Malformed::TooLarge(size)))
+/// The empty question section (for replies that are not about a decoded
+/// request).
+pub(crate) fn no_question() -> &'static Queries {
+    &NO_QUESTION
 }
 
-/// Answers `request` into `out` (cleared first).
-pub(crate) fn respond(cx: &Context<'_>, request: &[u8], out: &mut Vec<u8>) -> Outcome {
-    out.clear();
-    if request.len() < HEADER_LEN {
-        return Outcome::Dropped(Dropped::TooShort(request.len()));
+/// FORMERR for a request over the size limit, from its header alone.
+pub(crate) fn too_large(header: &Metadata, size: usize) -> Decision {
+    if header.message_type == MessageType::Response {
+        return Decision::Drop(Dropped::NotAQuery);
     }
-    let mut decoder = BinDecoder::new(request);
-    let Ok(header) = Header::read(&mut decoder) else {
-        return Outcome::Dropped(Dropped::TooShort(request.len()));
+    Decision::Reply(Reply::formerr(header, Malformed::TooLarge(size)))
+}
+
+/// Decides the response to `request`, which was `size` bytes on the wire.
+pub(crate) fn respond(cx: &Context<'_>, request: &MessageRequest, size: usize) -> Decision {
+    let meta = &request.metadata;
+    if meta.message_type == MessageType::Response {
+        return Decision::Drop(Dropped::NotAQuery);
+    }
+    if size > cx.max_request {
+        return too_large(meta, size);
+    }
+    if meta.op_code != OpCode::Query {
+        return Decision::Reply(Reply::answered(meta, ResponseCode::NotImp));
+    }
+    let [query] = request.queries.queries() else {
+        let count = request.queries.len();
+        return Decision::Reply(Reply::formerr(meta, Malformed::QuestionCount(count)));
     };
-    if header.metadata.message_type == MessageType::Response {
-        return Outcome::Dropped(Dropped::NotAQuery);
-    }
-    if request.len() > cx.max_request {
-        return too_large(request, request.len(), cx.transport, out);
-    }
-    let mut reply = Reply {
-        meta: Metadata::response_from_request(&header.metadata),
-        query: None,
-        answers: [None, None],
-        authority: None,
-        edns: None,
-        max_size: match cx.transport {
-            Transport::Udp => PLAIN_UDP_PAYLOAD,
-            Transport::Tcp => u16::MAX,
-        },
-    };
-    let formerr = |mut reply: Reply<'_>, why: Malformed, out: &mut Vec<u8>| {
+    let query = query.original();
+    let mut reply = Reply::answered(meta, ResponseCode::NoError);
+    reply.echo_question = true;
+    if !request.answers.is_empty() || !request.authorities.is_empty() {
         reply.meta.response_code = ResponseCode::FormErr;
-        reply.finish(out, Outcome::Malformed(why))
-    };
-
-    if header.metadata.op_code != OpCode::Query {
-        reply.meta.response_code = ResponseCode::NotImp;
-        return reply.finish(out, Outcome::Answered(ResponseCode::NotImp));
+        reply.outcome = Outcome::Malformed(Malformed::RecordsInQuery);
+        return Decision::Reply(reply);
     }
-    if header.counts.queries != 1 {
-        return formerr(reply, Malformed::QuestionCount(header.counts.queries), out);
-    }
-    let query = match Query::read(&mut decoder) {
-        Ok(query) => query,
-        Err(e) => return formerr(reply, Malformed::Decode(e), out),
-    };
-    reply.query = Some(&query);
-    if header.counts.answers != 0 || header.counts.authorities != 0 {
-        return formerr(reply, Malformed::RecordsInQuery, out);
-    }
-    let additionals = usize::from(header.counts.additionals);
-    let edns = match Message::read_records(&mut decoder, additionals, true, OpCode::Query) {
-        Ok((_, edns, _)) => edns,
-        Err(e) => return formerr(reply, Malformed::Decode(e), out),
-    };
-
-    if let Some(theirs) = &edns {
-        let mut ours = Edns::new();
-        ours.set_max_payload(SERVER_UDP_PAYLOAD);
-        reply.edns = Some(ours);
-        if cx.transport == Transport::Udp {
-            reply.max_size = theirs
-                .max_payload()
-                .clamp(PLAIN_UDP_PAYLOAD, SERVER_UDP_PAYLOAD);
-        }
+    if let Some(theirs) = &request.edns {
+        reply.edns = true;
         if theirs.version() > 0 {
             // RFC 6891 §6.1.3: we speak version 0 only.
-            reply.meta.response_code = ResponseCode::BADVERS;
-            return reply.finish(out, Outcome::Answered(ResponseCode::BADVERS));
+            return Decision::Reply(reply.code(ResponseCode::BADVERS));
         }
     }
 
@@ -231,44 +266,42 @@ pub(crate) fn respond(cx: &Context<'_>, request: &[u8], out: &mut Vec<u8>) -> Ou
         .then(|| cx.zone.name.relative_len(&query.name))
         .flatten();
     let Some(relative) = in_zone else {
-        reply.meta.response_code = ResponseCode::Refused;
-        return reply.finish(out, Outcome::Answered(ResponseCode::Refused));
+        return Decision::Reply(reply.code(ResponseCode::Refused));
     };
     if matches!(query.query_type, RecordType::AXFR | RecordType::IXFR) {
-        reply.meta.response_code = ResponseCode::Refused;
-        return reply.finish(out, Outcome::Answered(ResponseCode::Refused));
+        return Decision::Reply(reply.code(ResponseCode::Refused));
     }
     reply.meta.authoritative = true;
 
-    let soa = &cx.records.soa;
-    let address;
     if relative == 0 {
         match query.query_type {
-            RecordType::SOA => reply.answers[0] = Some(soa),
-            RecordType::NS => reply.answers[0] = Some(&cx.zone.ns),
-            RecordType::ANY => reply.answers = [Some(soa), Some(&cx.zone.ns)],
-            _ => reply.authority = Some(soa),
+            RecordType::SOA => reply.answer = Answer::Soa,
+            RecordType::NS => reply.answer = Answer::Ns,
+            RecordType::ANY => reply.answer = Answer::SoaAndNs,
+            _ => reply.soa_in_authority = true,
         }
-    } else {
-        let mut buf = [0u8; 256];
-        let found = match query_key(&query.name, relative, &mut buf) {
-            Some(key) => cx.records.lookup(key),
-            None => Lookup::Missing,
-        };
-        match found {
-            Lookup::Address(ip) if matches!(query.query_type, RecordType::A | RecordType::ANY) => {
-                address = Record::from_rdata(query.name.clone(), cx.zone.ttl, RData::A(A(ip)));
-                reply.answers[0] = Some(&address);
-            }
-            Lookup::Address(_) | Lookup::EmptyNonTerminal => reply.authority = Some(soa),
-            Lookup::Missing => {
-                reply.meta.response_code = ResponseCode::NXDomain;
-                reply.authority = Some(soa);
-            }
+        return Decision::Reply(reply);
+    }
+    let mut buf = [0u8; 256];
+    let found = match query_key(&query.name, relative, &mut buf) {
+        Some(key) => cx.records.lookup(key),
+        None => Lookup::Missing,
+    };
+    match found {
+        Lookup::Address(ip) if matches!(query.query_type, RecordType::A | RecordType::ANY) => {
+            reply.answer = Answer::Address(Record::from_rdata(
+                query.name.clone(),
+                cx.zone.ttl,
+                RData::A(A(ip)),
+            ));
+        }
+        Lookup::Address(_) | Lookup::EmptyNonTerminal => reply.soa_in_authority = true,
+        Lookup::Missing => {
+            reply = reply.code(ResponseCode::NXDomain);
+            reply.soa_in_authority = true;
         }
     }
-    let code = reply.meta.response_code;
-    reply.finish(out, Outcome::Answered(code))
+    Decision::Reply(reply)
 }
 
 #[cfg(test)]
@@ -277,8 +310,10 @@ mod tests {
     use std::net::Ipv4Addr;
     use std::sync::Arc;
 
+    use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::rdata::NS;
     use hickory_proto::rr::Name;
+    use hickory_proto::serialize::binary::BinEncoder;
 
     use super::*;
     use crate::Records;
@@ -301,27 +336,49 @@ mod tests {
             Self { zone, records }
         }
 
-        fn ask_bytes(&self, request: &[u8], transport: Transport) -> (Outcome, Vec<u8>) {
+        fn ask_bytes(&self, request: &[u8]) -> (Decision, Vec<u8>) {
             let snapshot = self.records.subscribe().borrow().clone();
             let cx = Context {
                 zone: &self.zone,
                 records: &snapshot,
                 max_request: 4096,
-                transport,
+            };
+            let from = SocketAddr::from((Ipv4Addr::LOCALHOST, 5353));
+            let (decision, parsed) = match decode(request.to_vec(), from, Protocol::Udp) {
+                Ok(parsed) => (respond(&cx, &parsed, request.len()), Some(parsed)),
+                Err(decision) => (decision, None),
             };
             let mut out = Vec::new();
-            let outcome = respond(&cx, request, &mut out);
-            (outcome, out)
+            if let Decision::Reply(reply) = &decision {
+                let question = parsed.as_ref().map_or(&*NO_QUESTION, |p| &p.queries);
+                let edns = server_edns();
+                let mut encoder = BinEncoder::new(&mut out);
+                reply
+                    .message(question, &edns, &self.zone, &snapshot)
+                    .destructive_emit(&mut encoder)
+                    .expect("encode response");
+            }
+            (decision, out)
         }
 
         fn ask(&self, request: &Message) -> Message {
             let bytes = request.to_vec().expect("encode request");
-            let (outcome, out) = self.ask_bytes(&bytes, Transport::Udp);
-            assert!(!matches!(outcome, Outcome::Dropped(_)), "{outcome:?}");
+            let (decision, out) = self.ask_bytes(&bytes);
+            assert!(matches!(decision, Decision::Reply(_)), "{decision:?}");
             let response = Message::from_vec(&out).expect("decode response");
             assert_eq!(response.metadata.id, request.metadata.id);
             assert_eq!(response.metadata.message_type, MessageType::Response);
             response
+        }
+    }
+
+    fn malformed(decision: &Decision) -> Option<&Malformed> {
+        match decision {
+            Decision::Reply(Reply {
+                outcome: Outcome::Malformed(why),
+                ..
+            }) => Some(why),
+            _ => None,
         }
     }
 
@@ -517,18 +574,15 @@ mod tests {
             .to_vec()
             .expect("encode");
         for len in 0..full.len() {
-            let (outcome, out) = f.ask_bytes(&full[..len], Transport::Udp);
+            let (decision, out) = f.ask_bytes(&full[..len]);
             if len < HEADER_LEN {
                 assert!(
-                    matches!(outcome, Outcome::Dropped(Dropped::TooShort(_))),
+                    matches!(decision, Decision::Drop(Dropped::TooShort(_))),
                     "{len}"
                 );
                 assert!(out.is_empty());
             } else {
-                assert!(
-                    matches!(outcome, Outcome::Malformed(_)),
-                    "{len}: {outcome:?}"
-                );
+                assert!(malformed(&decision).is_some(), "{len}: {decision:?}");
                 let r = Message::from_vec(&out).expect("decode");
                 assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
             }
@@ -542,10 +596,10 @@ mod tests {
         let mut req = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 64];
         req.extend([b'a'; 64]);
         req.extend(b"\x02vm\x00\x00\x01\x00\x01");
-        let (outcome, out) = f.ask_bytes(&req, Transport::Udp);
+        let (decision, out) = f.ask_bytes(&req);
         assert!(
-            matches!(outcome, Outcome::Malformed(Malformed::Decode(_))),
-            "{outcome:?}"
+            matches!(malformed(&decision), Some(Malformed::Decode(_))),
+            "{decision:?}"
         );
         let r = Message::from_vec(&out).expect("decode");
         assert_eq!(r.metadata.id, 0x1234);
@@ -558,10 +612,10 @@ mod tests {
             req.extend([b'a'; 63]);
         }
         req.extend(b"\x02vm\x00\x00\x01\x00\x01");
-        let (outcome, _) = f.ask_bytes(&req, Transport::Udp);
+        let (decision, _) = f.ask_bytes(&req);
         assert!(
-            matches!(outcome, Outcome::Malformed(Malformed::Decode(_))),
-            "{outcome:?}"
+            matches!(malformed(&decision), Some(Malformed::Decode(_))),
+            "{decision:?}"
         );
     }
 
@@ -570,10 +624,10 @@ mod tests {
         let f = Fixture::new();
         let mut big = query("web.vm.", RecordType::A).to_vec().expect("encode");
         big.resize(5000, 0);
-        let (outcome, out) = f.ask_bytes(&big, Transport::Udp);
+        let (decision, out) = f.ask_bytes(&big);
         assert!(
-            matches!(outcome, Outcome::Malformed(Malformed::TooLarge(5000))),
-            "{outcome:?}"
+            matches!(malformed(&decision), Some(Malformed::TooLarge(5000))),
+            "{decision:?}"
         );
         assert_eq!(
             Message::from_vec(&out)
@@ -586,8 +640,8 @@ mod tests {
         let mut response = query("web.vm.", RecordType::A);
         response.metadata.message_type = MessageType::Response;
         let bytes = response.to_vec().expect("encode");
-        let (outcome, out) = f.ask_bytes(&bytes, Transport::Udp);
-        assert!(matches!(outcome, Outcome::Dropped(Dropped::NotAQuery)));
+        let (decision, out) = f.ask_bytes(&bytes);
+        assert!(matches!(decision, Decision::Drop(Dropped::NotAQuery)));
         assert!(out.is_empty());
     }
 

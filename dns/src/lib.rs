@@ -2,9 +2,12 @@
 //! VM's IPv4 address. The daemon's Dns actor owns one [`DnsServer`] and
 //! keeps its [`Records`] in step with the VMs; everything else is in here.
 //!
-//! - `answer`: one request in, one response out (what is answered how).
+//! - `answer`: one decoded request in, one response decision out (what is
+//!   answered how).
 //! - `records`: the record map; writers publish immutable snapshots.
-//! - `server`: UDP and TCP transports, per-client limits, shutdown.
+//! - `server`: hickory-server's `Server` on UDP and our capped TCP acceptor,
+//!   both calling one hickory-server `RequestHandler`; per-client limits,
+//!   shutdown.
 //! - `limit`: per-client token buckets and rate-limited logging.
 //! - `name`: name validation and case-insensitive keys.
 //!
@@ -51,8 +54,6 @@ impl Default for DnsConfig {
 /// Bounds on what one client can make the server do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Tasks receiving on the UDP socket.
-    pub udp_workers: usize,
     /// Token bucket per source IP, shared by UDP and TCP. Over the rate, UDP
     /// queries are dropped and TCP queries wait. `None` disables it (e.g.
     /// for a benchmark that sends everything from one address).
@@ -62,17 +63,19 @@ pub struct Limits {
     pub max_tcp_connections: usize,
     /// Open TCP connections from one source IP.
     pub max_tcp_connections_per_client: usize,
-    /// A TCP connection is closed when a whole request (or the write of a
-    /// response) takes longer than this, idle time before it included.
+    /// A TCP connection is closed when no whole request arrives within this
+    /// long of the previous one (or of the connect), handling and writing
+    /// included: hickory-server's per-connection timeout.
     pub tcp_idle_timeout: Duration,
     /// Larger requests get FORMERR (bytes; DNS queries are well under 512).
+    /// Over UDP the limit is at most 4095: hickory-server cuts datagrams
+    /// at 4096 bytes.
     pub max_request_size: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            udp_workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             client_rate: Some(ClientRate {
                 queries_per_second: 10_000,
                 burst: 20_000,
@@ -89,7 +92,6 @@ impl Limits {
     fn validate(&self) -> Result<(), DnsError> {
         let check =
             |ok: bool, what: &'static str| ok.then_some(()).ok_or(DnsError::InvalidLimit(what));
-        check(self.udp_workers > 0, "udp_workers must be at least 1")?;
         check(
             self.max_tcp_connections > 0,
             "max_tcp_connections must be at least 1",
@@ -147,4 +149,6 @@ pub enum DnsError {
     },
     #[error("invalid DNS limits: {0}")]
     InvalidLimit(&'static str),
+    #[error("cannot start the DNS server thread")]
+    Thread(#[source] io::Error),
 }

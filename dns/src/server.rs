@@ -1,15 +1,30 @@
-//! The transports: UDP workers and a TCP acceptor with one task per
-//! connection, all owned by a [`DnsServer`]. The daemon's Dns actor starts
-//! it, keeps the [`Records`] handle, and shuts it down (or drops it).
+//! Serving: a [`DnsServer`] is a thread of its own (`dns`, a current-thread
+//! tokio runtime) running hickory-server's [`Server`] on the UDP socket and
+//! a TCP acceptor of ours, both feeding one [`Handler`] (a hickory-server
+//! [`RequestHandler`]). The daemon's Dns actor starts it, keeps the
+//! [`Records`] handle, and shuts it down (or drops it).
 //!
-//! Per-query work is bounded per client: a token bucket per source IP
-//! (UDP: over the rate is dropped before parsing; TCP: waits), a cap on TCP
-//! connections in total and per IP, and a timeout on every TCP read and
-//! write. Nothing a client sends is logged above `debug` unless it is
-//! about the server's own health, and every such line goes through a
-//! [`LogGate`].
+//! What hickory-server does: UDP receive and send, TCP framing (its
+//! `TcpStream`), the idle timeout of a TCP connection (its
+//! [`TimeoutStream`], the one `Server::register_listener` uses), decoding
+//! requests, FORMERR for undecodable ones, encoding responses.
+//!
+//! What is ours, and why:
+//! - The per-client token bucket (`limit.rs`), checked first thing in the
+//!   handler: hickory-server has only static allow/deny networks. Over the
+//!   rate a UDP query is dropped, a TCP connection waits for its token.
+//! - The TCP accept loop: `Server::register_listener` (hickory-server
+//!   0.26) has no cap on open connections, in total or per client, and
+//!   retries a failed `accept` (e.g. out of file descriptors) without a
+//!   pause. Ours caps both and pauses; each accepted connection is then
+//!   served with hickory-server's own pieces, as `register_listener` would.
+//! - Counters ([`DnsStats`]) and rate-limited logging of what clients
+//!   trigger ([`LogGate`]). hickory-server logs every response at `info`
+//!   under the `hickory_server` target; the daemon filters that target to
+//!   `warn`.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,16 +32,26 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::ResponseCode;
+use futures::StreamExt;
+use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
+use hickory_server::net::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::tcp::TcpStream as DnsTcpStream;
+use hickory_server::net::udp::MAX_RECEIVE_BUFFER_SIZE;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{
+    Request, RequestHandler, ResponseHandle, ResponseHandler, ResponseInfo, TimeoutStream,
+};
+use hickory_server::zone_handler::Queries;
+use hickory_server::Server;
 use nix::sys::socket::{setsockopt, sockopt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tracing::{debug, error, info, instrument, warn};
 
-use crate::answer::{self, Context, Outcome, Transport, HEADER_LEN, SERVER_UDP_PAYLOAD};
+use crate::answer::{self, Context, Decision, Dropped, Outcome, Reply};
 use crate::limit::{ClientLimiter, LogGate};
 use crate::records::{Records, Snapshot, Zone};
 use crate::{DnsConfig, DnsError, Limits};
@@ -35,31 +60,52 @@ use crate::{DnsConfig, DnsError, Limits};
 /// gave UDP is taken for TCP.
 const BIND_ATTEMPTS: usize = 16;
 /// Receive buffer asked for on the UDP socket (the kernel caps it at
-/// `net.core.rmem_max`): room for bursts while the workers catch up.
+/// `net.core.rmem_max`): room for bursts while the server catches up.
 const UDP_RECV_BUFFER: usize = 4 << 20;
-/// Pause after a failed `accept` or `recv` (e.g. out of file descriptors)
-/// so a persistent error cannot spin a core.
+/// Pause after a failed `accept` (e.g. out of file descriptors) so a
+/// persistent error cannot spin a core.
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
+/// Responses queued for writing on one TCP connection. Requests on a
+/// connection are answered one after the other, so one is in flight.
+const TCP_RESPONSE_QUEUE: usize = 4;
+/// After the FORMERR for an oversized TCP message: how long the connection
+/// may take to write it out before it is closed.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// Client-triggerable log lines: at most this many per window and kind.
 const LOG_WINDOW: Duration = Duration::from_secs(10);
 const LOG_PER_WINDOW: u32 = 5;
 
-/// A running DNS server. Dropping it aborts its tasks (closing the sockets
-/// shortly after); [`shutdown`](Self::shutdown) also waits for that.
-#[derive(Debug)]
+/// A running DNS server, on a thread of its own. Dropping it stops that
+/// thread (closing the sockets shortly after); [`shutdown`](Self::shutdown)
+/// also waits for that.
 pub struct DnsServer {
     local_addr: SocketAddr,
     zone: String,
     records: Records,
-    shared: Arc<Shared>,
-    tasks: JoinSet<()>,
+    handler: Arc<Handler>,
+    /// Stops the DNS thread (so does dropping it).
+    stop: Option<oneshot::Sender<()>>,
+    /// Fires when the DNS thread has closed the sockets.
+    stopped: oneshot::Receiver<()>,
+}
+
+impl fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("local_addr", &self.local_addr)
+            .field("zone", &self.zone)
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counters since the server started (for `debug` output and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DnsStats {
-    /// Requests read (UDP datagrams and TCP messages), including the ones
-    /// dropped by the rate limit.
+    /// Requests that reached banger's handler: every TCP message, and the
+    /// UDP datagrams hickory-server could decode (it answers FORMERR to the
+    /// others, or nothing when they are shorter than a header, without
+    /// telling us). Includes those dropped by the rate limit.
     pub requests: u64,
     /// Responses built (of every code).
     pub responses: u64,
@@ -111,8 +157,9 @@ impl Counters {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on `cfg.listen` and starts serving. Must be called
-    /// inside a tokio runtime. The returned [`Records`] starts empty.
+    /// Binds UDP and TCP on `cfg.listen` and starts serving on a thread of
+    /// its own. Must be called inside a tokio runtime (it binds there). The
+    /// returned [`Records`] starts empty.
     #[instrument(skip_all, fields(listen = %cfg.listen, zone = %cfg.zone))]
     pub async fn start(cfg: DnsConfig) -> Result<(DnsServer, Records), DnsError> {
         cfg.limits.validate()?;
@@ -125,29 +172,51 @@ impl DnsServer {
             source,
         })?;
 
-        let shared = Arc::new(Shared {
+        let handler = Arc::new(Handler {
             zone,
+            snapshots: records.subscribe(),
+            edns: answer::server_edns(),
             limiter: cfg.limits.client_rate.map(ClientLimiter::new),
             limits: cfg.limits,
             gates: Gates::default(),
             counters: Counters::default(),
             connections: Mutex::new(ConnectionTable::default()),
         });
-        let udp = Arc::new(udp);
-        let mut tasks = JoinSet::new();
-        for _ in 0..shared.limits.udp_workers {
-            tasks.spawn(udp_worker(udp.clone(), shared.clone(), records.subscribe()));
-        }
-        tasks.spawn(tcp_acceptor(tcp, shared.clone(), records.subscribe()));
+        let (stop, stop_rx) = oneshot::channel();
+        let (stopped_tx, stopped) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DnsError::Thread)?;
+        // Move the sockets to the new runtime's reactor.
+        let (udp, tcp) = {
+            let _in_runtime = runtime.enter();
+            let udp = udp.into_std().and_then(UdpSocket::from_std);
+            let tcp = tcp.into_std().and_then(TcpListener::from_std);
+            (
+                udp.map_err(DnsError::Thread)?,
+                tcp.map_err(DnsError::Thread)?,
+            )
+        };
+        let serving = handler.clone();
+        std::thread::Builder::new()
+            .name("dns".to_string())
+            .spawn(move || {
+                runtime.block_on(serve(udp, tcp, serving, stop_rx));
+                drop(runtime);
+                let _ = stopped_tx.send(());
+            })
+            .map_err(DnsError::Thread)?;
 
-        let zone = shared.zone.name.to_string();
+        let zone = handler.zone.name.to_string();
         info!(%local_addr, %zone, ttl = cfg.ttl, "DNS server listening");
         let server = DnsServer {
             local_addr,
             zone,
             records: records.clone(),
-            shared,
-            tasks,
+            handler,
+            stop: Some(stop),
+            stopped,
         };
         Ok((server, records))
     }
@@ -164,15 +233,42 @@ impl DnsServer {
 
     /// Counters since start.
     pub fn stats(&self) -> DnsStats {
-        self.shared.counters.snapshot()
+        self.handler.counters.snapshot()
     }
 
-    /// Stops serving: aborts the UDP workers, the TCP acceptor and every
-    /// open connection, and returns once the sockets are closed.
+    /// Stops serving: stops hickory-server's UDP task (and the requests it
+    /// is handling), aborts the TCP acceptor and every open connection, and
+    /// returns once the sockets are closed.
     pub async fn shutdown(mut self) {
-        self.tasks.shutdown().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.stopped).await;
         info!(local_addr = %self.local_addr, zone = %self.zone, "DNS server stopped");
     }
+}
+
+/// The DNS thread's work: hickory-server's `Server` on UDP and our TCP
+/// acceptor, on a current-thread runtime of their own, until `stop` fires
+/// or its sender is dropped. hickory-server spawns a task per datagram and
+/// hands each response back to the socket's task; on one thread that
+/// costs no cross-thread wake-ups (on the daemon's multi-thread runtime
+/// it halved the throughput, see `docs/benchmarks.md`).
+async fn serve(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    handler: Arc<Handler>,
+    stop: oneshot::Receiver<()>,
+) {
+    let mut server = Server::new(Serve(handler.clone()));
+    server.register_socket(udp);
+    let mut tcp_tasks = JoinSet::new();
+    tcp_tasks.spawn(tcp_acceptor(tcp, handler));
+    let _ = stop.await;
+    if let Err(error) = server.shutdown_gracefully().await {
+        warn!(%error, "DNS UDP server ended with an error");
+    }
+    tcp_tasks.shutdown().await;
 }
 
 /// Binds UDP, then TCP on the same address and port.
@@ -210,10 +306,46 @@ async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
     }
 }
 
-/// What every serving task shares.
+/// The [`RequestHandler`] hickory-server calls (a handle on the shared
+/// [`Handler`], which the TCP side and [`DnsServer::stats`] use too).
 #[derive(Debug)]
-struct Shared {
+struct Serve(Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Serve {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        Counters::bump(&self.0.counters.requests);
+        self.0
+            .answer(request, response_handle)
+            .await
+            .unwrap_or_else(|| no_response(&request.metadata))
+    }
+}
+
+/// What hickory-server's handler API wants back when nothing was sent (it
+/// does not look at it).
+fn no_response(request: &Metadata) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(request);
+    metadata.response_code = ResponseCode::Refused;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+/// What every request shares.
+#[derive(Debug)]
+struct Handler {
     zone: Arc<Zone>,
+    /// The current records; read (an `Arc` clone under a read lock) once
+    /// per request.
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Our OPT record.
+    edns: Edns,
     limits: Limits,
     limiter: Option<ClientLimiter>,
     gates: Gates,
@@ -248,7 +380,7 @@ impl Default for Gates {
     }
 }
 
-impl Shared {
+impl Handler {
     /// Takes a token for `ip`, or says how long to wait. Logs (gated) when
     /// a client is over its rate.
     fn admit(&self, ip: IpAddr) -> Result<(), Duration> {
@@ -263,114 +395,150 @@ impl Shared {
         })
     }
 
-    /// Answers one request into `out`; `true` if there is something to send.
-    /// A panic in here (a bug, maybe in the decoder) costs one request, not
-    /// the worker.
-    fn answer(
+    /// Largest request answered normally. Over UDP, hickory-server reads
+    /// datagrams into a `MAX_RECEIVE_BUFFER_SIZE` (4096-byte) buffer and
+    /// silently cuts longer ones: a datagram that fills it may have been
+    /// longer, so it counts as too large.
+    fn max_request(&self, protocol: Protocol) -> usize {
+        match protocol {
+            Protocol::Udp => self
+                .limits
+                .max_request_size
+                .min(MAX_RECEIVE_BUFFER_SIZE - 1),
+            _ => self.limits.max_request_size,
+        }
+    }
+
+    /// Answers one decoded request: the client's rate first, then the
+    /// decision, then the response through `response`. `None` if nothing
+    /// was sent.
+    async fn answer<R: ResponseHandler>(
         &self,
-        records: &Snapshot,
-        transport: Transport,
-        request: &[u8],
-        out: &mut Vec<u8>,
-        peer: SocketAddr,
-    ) -> bool {
-        let cx = Context {
-            zone: &self.zone,
-            records,
-            max_request: self.limits.max_request_size,
-            transport,
-        };
-        match catch_unwind(AssertUnwindSafe(|| answer::respond(&cx, request, out))) {
-            Ok(outcome) => self.log_outcome(outcome, peer, transport),
-            Err(_) => {
-                out.clear();
-                Counters::bump(&self.counters.dropped);
-                Counters::bump(&self.counters.panics);
-                if let Some(suppressed) = self.gates.panicked.allow() {
-                    error!(client = %peer, ?transport, suppressed, "DNS request handling panicked; request dropped");
+        request: &Request,
+        response: R,
+    ) -> Option<ResponseInfo> {
+        let (peer, protocol) = (request.src(), request.protocol());
+        let mut decision = None;
+        if let Err(mut wait) = self.admit(peer.ip()) {
+            if protocol == Protocol::Udp {
+                // The client retries; answering would cost what the
+                // limit is there to save.
+                decision = Some(Decision::Drop(Dropped::OverRate));
+            } else {
+                // TCP: hold this connection's next answer (hickory-server
+                // answers a connection's requests in order).
+                loop {
+                    tokio::time::sleep(wait).await;
+                    match self.admit(peer.ip()) {
+                        Ok(()) => break,
+                        Err(next) => wait = next,
+                    }
                 }
-                false
+            }
+        }
+        let records = self.snapshots.borrow().clone();
+        let decision = decision.unwrap_or_else(|| {
+            let cx = Context {
+                zone: &self.zone,
+                records: &records,
+                max_request: self.max_request(protocol),
+            };
+            let size = request.as_slice().len();
+            catch_unwind(AssertUnwindSafe(|| answer::respond(&cx, request, size)))
+                .unwrap_or(Decision::Drop(Dropped::Panicked))
+        });
+        self.finish(
+            decision,
+            &request.queries,
+            &records,
+            peer,
+            protocol,
+            response,
+        )
+        .await
+    }
+
+    /// Counts and logs `decision` and sends its reply, if it has one.
+    async fn finish<R: ResponseHandler>(
+        &self,
+        decision: Decision,
+        question: &Queries,
+        records: &Snapshot,
+        peer: SocketAddr,
+        protocol: Protocol,
+        mut response: R,
+    ) -> Option<ResponseInfo> {
+        let reply = match decision {
+            Decision::Reply(reply) => reply,
+            Decision::Drop(why) => {
+                self.dropped(why, peer, protocol);
+                return None;
+            }
+        };
+        self.replied(&reply, peer, protocol);
+        let message = reply.message(question, &self.edns, &self.zone, records);
+        match response.send_response(message).await {
+            Ok(info) => Some(info),
+            Err(error) => {
+                if let Some(suppressed) = self.gates.io.allow() {
+                    debug!(client = %peer, %protocol, %error, suppressed, "DNS response not sent");
+                }
+                None
             }
         }
     }
 
-    fn log_outcome(&self, outcome: Outcome, peer: SocketAddr, transport: Transport) -> bool {
-        let c = &self.counters;
-        match outcome {
-            Outcome::Answered(code) => {
-                Counters::bump(&c.responses);
-                match code {
-                    ResponseCode::NXDomain => Counters::bump(&c.nxdomain),
-                    ResponseCode::Refused => Counters::bump(&c.refused),
-                    _ => {}
-                }
-                true
+    /// One message read from a TCP connection: decoded as hickory-server's
+    /// `Server` would, then answered.
+    async fn serve_tcp_message(&self, raw: Vec<u8>, peer: SocketAddr, response: ResponseHandle) {
+        Counters::bump(&self.counters.requests);
+        let protocol = Protocol::Tcp;
+        #[allow(clippy::result_large_err)] // see `answer::decode`
+        let decoded = catch_unwind(AssertUnwindSafe(|| answer::decode(raw, peer, protocol)));
+        match decoded {
+            Ok(Ok(request)) => {
+                self.answer(&request, response).await;
             }
+            Ok(Err(decision)) => {
+                let records = self.snapshots.borrow().clone();
+                let question = answer::no_question();
+                self.finish(decision, question, &records, peer, protocol, response)
+                    .await;
+            }
+            Err(_) => self.dropped(Dropped::Panicked, peer, protocol),
+        }
+    }
+
+    fn replied(&self, reply: &Reply, peer: SocketAddr, protocol: Protocol) {
+        let c = &self.counters;
+        Counters::bump(&c.responses);
+        match &reply.outcome {
+            Outcome::Answered(ResponseCode::NXDomain) => Counters::bump(&c.nxdomain),
+            Outcome::Answered(ResponseCode::Refused) => Counters::bump(&c.refused),
+            Outcome::Answered(_) => {}
             Outcome::Malformed(why) => {
-                Counters::bump(&c.responses);
                 Counters::bump(&c.formerr);
                 if let Some(suppressed) = self.gates.malformed.allow() {
-                    debug!(client = %peer, ?transport, suppressed, error = ?why, "malformed DNS request; answered FORMERR");
+                    debug!(client = %peer, %protocol, suppressed, error = ?why, "malformed DNS request; answered FORMERR");
                 }
-                true
             }
-            Outcome::Dropped(why) => {
-                Counters::bump(&c.dropped);
+        }
+    }
+
+    fn dropped(&self, why: Dropped, peer: SocketAddr, protocol: Protocol) {
+        Counters::bump(&self.counters.dropped);
+        match why {
+            // Counted and logged by `admit`.
+            Dropped::OverRate => {}
+            Dropped::Panicked => {
+                Counters::bump(&self.counters.panics);
+                if let Some(suppressed) = self.gates.panicked.allow() {
+                    error!(client = %peer, %protocol, suppressed, "DNS request handling panicked; request dropped");
+                }
+            }
+            Dropped::TooShort(_) | Dropped::NotAQuery => {
                 if let Some(suppressed) = self.gates.dropped.allow() {
-                    debug!(client = %peer, ?transport, suppressed, reason = ?why, "DNS request dropped");
-                }
-                false
-            }
-        }
-    }
-}
-
-/// The latest snapshot, re-read only when a writer published a new one.
-fn refresh(rx: &mut watch::Receiver<Arc<Snapshot>>, current: &mut Arc<Snapshot>) {
-    if rx.has_changed().unwrap_or(false) {
-        *current = rx.borrow_and_update().clone();
-    }
-}
-
-async fn udp_worker(
-    socket: Arc<UdpSocket>,
-    shared: Arc<Shared>,
-    mut rx: watch::Receiver<Arc<Snapshot>>,
-) {
-    // The largest datagram there is; anything over `max_request_size` still
-    // gets its FORMERR.
-    let mut buf = vec![0u8; usize::from(u16::MAX)];
-    let mut out = Vec::with_capacity(usize::from(SERVER_UDP_PAYLOAD));
-    let mut records = rx.borrow_and_update().clone();
-    loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(error) => {
-                if let Some(suppressed) = shared.gates.io.allow() {
-                    warn!(%error, suppressed, "DNS UDP receive failed");
-                }
-                tokio::time::sleep(ERROR_PAUSE).await;
-                continue;
-            }
-        };
-        Counters::bump(&shared.counters.requests);
-        // Nothing can be sent to port 0; a reply would be an error anyway.
-        if peer.port() == 0 || shared.admit(peer.ip()).is_err() {
-            Counters::bump(&shared.counters.dropped);
-            continue;
-        }
-        refresh(&mut rx, &mut records);
-        if !shared.answer(&records, Transport::Udp, &buf[..len], &mut out, peer) {
-            continue;
-        }
-        // Never wait on a full send buffer: UDP is lossy, the client retries,
-        // and waiting would stop us reading everyone else's queries.
-        match socket.try_send_to(&out, peer) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(error) => {
-                if let Some(suppressed) = shared.gates.io.allow() {
-                    debug!(client = %peer, %error, suppressed, "DNS UDP send failed");
+                    debug!(client = %peer, %protocol, suppressed, reason = ?why, "DNS request dropped");
                 }
             }
         }
@@ -388,23 +556,26 @@ struct ConnectionTable {
 /// connection task is aborted or panics).
 #[derive(Debug)]
 struct ConnectionSlot {
-    shared: Arc<Shared>,
+    handler: Arc<Handler>,
     ip: IpAddr,
 }
 
 impl ConnectionSlot {
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
-        let mut table = shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+    fn take(handler: &Arc<Handler>, ip: IpAddr) -> Option<Self> {
+        let mut table = handler
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mine = table.per_client.get(&ip).copied().unwrap_or(0);
-        if table.total >= shared.limits.max_tcp_connections
-            || mine >= shared.limits.max_tcp_connections_per_client
+        if table.total >= handler.limits.max_tcp_connections
+            || mine >= handler.limits.max_tcp_connections_per_client
         {
             return None;
         }
         table.total += 1;
         table.per_client.insert(ip, mine + 1);
         Some(Self {
-            shared: shared.clone(),
+            handler: handler.clone(),
             ip,
         })
     }
@@ -413,7 +584,7 @@ impl ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut table = self
-            .shared
+            .handler
             .connections
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -427,11 +598,9 @@ impl Drop for ConnectionSlot {
     }
 }
 
-async fn tcp_acceptor(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    rx: watch::Receiver<Arc<Snapshot>>,
-) {
+/// Accepts TCP connections within the caps (see the module docs for why
+/// this is not `Server::register_listener`).
+async fn tcp_acceptor(listener: TcpListener, handler: Arc<Handler>) {
     // Owned here: when this task is aborted, every connection goes with it.
     let mut connections = JoinSet::new();
     loop {
@@ -442,139 +611,64 @@ async fn tcp_acceptor(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                if let Some(suppressed) = shared.gates.io.allow() {
+                if let Some(suppressed) = handler.gates.io.allow() {
                     warn!(%error, suppressed, "DNS TCP accept failed");
                 }
                 tokio::time::sleep(ERROR_PAUSE).await;
                 continue;
             }
         };
-        let Some(slot) = ConnectionSlot::take(&shared, peer.ip()) else {
-            Counters::bump(&shared.counters.tcp_rejected);
-            if let Some(suppressed) = shared.gates.tcp_full.allow() {
+        let Some(slot) = ConnectionSlot::take(&handler, peer.ip()) else {
+            Counters::bump(&handler.counters.tcp_rejected);
+            if let Some(suppressed) = handler.gates.tcp_full.allow() {
                 warn!(client = %peer, suppressed, "too many DNS TCP connections; closing the new one");
             }
             continue;
         };
-        connections.spawn(tcp_connection(
-            stream,
-            peer,
-            shared.clone(),
-            rx.clone(),
-            slot,
-        ));
+        connections.spawn(tcp_connection(stream, peer, handler.clone(), slot));
     }
 }
 
-/// What [`read_frame`] found.
-#[derive(Debug, PartialEq, Eq)]
-enum Frame {
-    /// The peer closed between messages.
-    Closed,
-    /// A whole message is in the buffer.
-    Message,
-    /// The length prefix is over the limit; the buffer holds the header.
-    TooLarge(usize),
-}
-
-/// Reads one length-prefixed message (RFC 1035 §4.2.2) into `buf`. EOF
-/// before the first byte is a clean close; EOF inside a message is an
-/// `UnexpectedEof` error.
-async fn read_frame<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-    max: usize,
-) -> io::Result<Frame> {
-    let mut prefix = [0u8; 2];
-    if reader.read(&mut prefix[..1]).await? == 0 {
-        return Ok(Frame::Closed);
-    }
-    reader.read_exact(&mut prefix[1..]).await?;
-    let len = usize::from(u16::from_be_bytes(prefix));
-    if len > max {
-        buf.resize(HEADER_LEN, 0);
-        reader.read_exact(buf).await?;
-        return Ok(Frame::TooLarge(len));
-    }
-    buf.resize(len, 0);
-    reader.read_exact(buf).await?;
-    Ok(Frame::Message)
-}
-
+/// One TCP connection, served as hickory-server's `register_listener`
+/// serves one: its framing, its idle timeout (reading a whole message,
+/// waiting included, and writing a response), requests answered in order.
+/// In addition, after the FORMERR for a message over `max_request_size`
+/// the connection is closed.
 async fn tcp_connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
-    shared: Arc<Shared>,
-    mut rx: watch::Receiver<Arc<Snapshot>>,
+    handler: Arc<Handler>,
     _slot: ConnectionSlot,
 ) {
     let _ = stream.set_nodelay(true);
-    let idle = shared.limits.tcp_idle_timeout;
-    let (reader, mut writer) = stream.split();
-    let mut reader = BufReader::with_capacity(4096, reader);
-    let mut records = rx.borrow_and_update().clone();
-    let mut request = Vec::new();
-    let mut out = Vec::new();
-    let mut frame = Vec::new();
-    loop {
-        let read = timeout(
-            idle,
-            read_frame(&mut reader, &mut request, shared.limits.max_request_size),
-        )
-        .await;
-        let reply = match read {
-            Err(_) => {
-                if let Some(suppressed) = shared.gates.tcp_error.allow() {
-                    debug!(client = %peer, suppressed, "DNS TCP connection idle; closing");
+    let (messages, responses) = DnsTcpStream::from_stream_with_buffer_size(
+        AsyncIoTokioAsStd(stream),
+        peer,
+        TCP_RESPONSE_QUEUE,
+    );
+    let mut messages = TimeoutStream::new(messages, handler.limits.tcp_idle_timeout);
+    while let Some(message) = messages.next().await {
+        let raw = match message {
+            Ok(message) => message.into_parts().0,
+            Err(error) => {
+                // Idle too long, or closed in the middle of a message (a
+                // clean close between messages ends the loop instead).
+                if let Some(suppressed) = handler.gates.tcp_error.allow() {
+                    debug!(client = %peer, %error, suppressed, "closing DNS TCP connection");
                 }
                 return;
-            }
-            Ok(Ok(Frame::Closed)) => return,
-            Ok(Err(error)) => {
-                if let Some(suppressed) = shared.gates.tcp_error.allow() {
-                    debug!(client = %peer, %error, suppressed, "DNS TCP connection broke off mid-message");
-                }
-                return;
-            }
-            Ok(Ok(Frame::TooLarge(len))) => {
-                Counters::bump(&shared.counters.requests);
-                // The rest of the message is not worth reading: answer
-                // FORMERR from its header, then close.
-                let outcome = answer::too_large(&request, len, Transport::Tcp, &mut out);
-                if shared.log_outcome(outcome, peer, Transport::Tcp) {
-                    send(&mut writer, &mut frame, &out, idle).await;
-                }
-                return;
-            }
-            Ok(Ok(Frame::Message)) => {
-                Counters::bump(&shared.counters.requests);
-                while let Err(wait) = shared.admit(peer.ip()) {
-                    tokio::time::sleep(wait).await;
-                }
-                refresh(&mut rx, &mut records);
-                shared.answer(&records, Transport::Tcp, &request, &mut out, peer)
             }
         };
-        if reply && !send(&mut writer, &mut frame, &out, idle).await {
+        let oversized = raw.len() > handler.limits.max_request_size;
+        let response = ResponseHandle::new(peer, responses.clone(), Protocol::Tcp);
+        handler.serve_tcp_message(raw, peer, response).await;
+        if oversized {
+            // Polling the stream writes the queued FORMERR out; whatever
+            // the client sends meanwhile is not answered.
+            let _ = timeout(CLOSE_GRACE, messages.next()).await;
             return;
         }
     }
-}
-
-/// Writes one length-prefixed message; `false` if the connection is done.
-async fn send<W: AsyncWriteExt + Unpin>(
-    writer: &mut W,
-    frame: &mut Vec<u8>,
-    message: &[u8],
-    idle: Duration,
-) -> bool {
-    let Ok(len) = u16::try_from(message.len()) else {
-        return false;
-    };
-    frame.clear();
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(message);
-    matches!(timeout(idle, writer.write_all(frame)).await, Ok(Ok(())))
 }
 
 #[cfg(test)]
@@ -582,56 +676,13 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn frames_distinguish_clean_close_from_truncation() {
-        let mut buf = Vec::new();
-        let mut empty: &[u8] = &[];
-        assert_eq!(
-            read_frame(&mut empty, &mut buf, 512).await.expect("eof"),
-            Frame::Closed
-        );
-
-        let mut half_prefix: &[u8] = &[0];
-        let err = read_frame(&mut half_prefix, &mut buf, 512)
-            .await
-            .expect_err("truncated");
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-
-        let mut short_body: &[u8] = &[0, 5, 1, 2];
-        let err = read_frame(&mut short_body, &mut buf, 512)
-            .await
-            .expect_err("truncated");
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-
-        let mut two: &[u8] = &[0, 2, 7, 8, 0, 0];
-        assert_eq!(
-            read_frame(&mut two, &mut buf, 512).await.expect("one"),
-            Frame::Message
-        );
-        assert_eq!(buf, [7, 8]);
-        assert_eq!(
-            read_frame(&mut two, &mut buf, 512).await.expect("empty"),
-            Frame::Message
-        );
-        assert!(buf.is_empty());
-        assert_eq!(
-            read_frame(&mut two, &mut buf, 512).await.expect("eof"),
-            Frame::Closed
-        );
-
-        let mut big = vec![0x10, 0x00];
-        big.extend([0xAB; 20]);
-        let mut big: &[u8] = &big;
-        assert_eq!(
-            read_frame(&mut big, &mut buf, 512).await.expect("big"),
-            Frame::TooLarge(4096)
-        );
-        assert_eq!(buf.len(), HEADER_LEN);
-    }
-
-    #[tokio::test]
     async fn connection_slots_are_bounded_and_given_back() {
-        let shared = Arc::new(Shared {
-            zone: Arc::new(Zone::new("vm.", 5).expect("zone")),
+        let zone = Arc::new(Zone::new("vm.", 5).expect("zone"));
+        let records = Records::new(zone.clone());
+        let handler = Arc::new(Handler {
+            zone,
+            snapshots: records.subscribe(),
+            edns: answer::server_edns(),
             limits: Limits {
                 max_tcp_connections: 3,
                 max_tcp_connections_per_client: 2,
@@ -644,15 +695,15 @@ mod tests {
         });
         let a: IpAddr = [127, 0, 0, 1].into();
         let b: IpAddr = [127, 0, 0, 2].into();
-        let a1 = ConnectionSlot::take(&shared, a).expect("a1");
-        let a2 = ConnectionSlot::take(&shared, a).expect("a2");
-        assert!(ConnectionSlot::take(&shared, a).is_none(), "per client");
-        let b1 = ConnectionSlot::take(&shared, b).expect("b1");
-        assert!(ConnectionSlot::take(&shared, b).is_none(), "in total");
+        let a1 = ConnectionSlot::take(&handler, a).expect("a1");
+        let a2 = ConnectionSlot::take(&handler, a).expect("a2");
+        assert!(ConnectionSlot::take(&handler, a).is_none(), "per client");
+        let b1 = ConnectionSlot::take(&handler, b).expect("b1");
+        assert!(ConnectionSlot::take(&handler, b).is_none(), "in total");
         drop(a1);
-        let a3 = ConnectionSlot::take(&shared, a).expect("a3 after a1 left");
+        let a3 = ConnectionSlot::take(&handler, a).expect("a3 after a1 left");
         drop((a2, a3, b1));
-        let table = shared.connections.lock().expect("lock");
+        let table = handler.connections.lock().expect("lock");
         assert_eq!(table.total, 0);
         assert!(table.per_client.is_empty());
     }
