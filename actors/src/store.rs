@@ -293,6 +293,20 @@ impl Actor for Store {
     }
 }
 
+fn put_msg(
+    tree: &str,
+    key: &[u8],
+    value: Vec<u8>,
+    reply: RpcReplyPort<Result<(), ErrorData>>,
+) -> StoreMsg {
+    StoreMsg::Put {
+        tree: tree.to_string(),
+        key: key.to_vec(),
+        value,
+        reply,
+    }
+}
+
 /// Typed access to the Store actor for other actors and request handlers.
 /// Looks the actor up on every call, so it follows restarts.
 #[derive(Debug, Clone, Copy)]
@@ -311,20 +325,7 @@ impl StoreClient {
         key: &[u8],
         value: &T,
     ) -> Result<(), ErrorData> {
-        let value = encode_record(value)?;
-        let tree = tree.to_string();
-        let key = key.to_vec();
-        ask(
-            names::STORE,
-            |reply| StoreMsg::Put {
-                tree,
-                key,
-                value,
-                reply,
-            },
-            self.timeout,
-        )
-        .await?
+        self.put_raw(tree, key, encode_record(value)?).await
     }
 
     /// Like [`put`](Self::put), but waits out a restart of the Store actor
@@ -340,12 +341,7 @@ impl StoreClient {
         let value = encode_record(value)?;
         crate::ask::ask_patiently(
             names::STORE,
-            |reply| StoreMsg::Put {
-                tree: tree.to_string(),
-                key: key.to_vec(),
-                value: value.clone(),
-                reply,
-            },
+            |reply| put_msg(tree, key, value.clone(), reply),
             self.timeout,
             patience,
         )
@@ -353,16 +349,9 @@ impl StoreClient {
     }
 
     pub async fn put_raw(&self, tree: &str, key: &[u8], value: Vec<u8>) -> Result<(), ErrorData> {
-        let tree = tree.to_string();
-        let key = key.to_vec();
         ask(
             names::STORE,
-            |reply| StoreMsg::Put {
-                tree,
-                key,
-                value,
-                reply,
-            },
+            |reply| put_msg(tree, key, value, reply),
             self.timeout,
         )
         .await?

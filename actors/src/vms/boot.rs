@@ -174,10 +174,7 @@ async fn root_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<DiskSpec, 
                             disks::qcow2_overlay(&rootfs, &tmp).await
                         })
                         .await?;
-                    let dst = qcow.clone();
-                    tokio::task::spawn_blocking(move || disks::clone_file(&template, &dst))
-                        .await
-                        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+                    disks::clone(&template, &qcow).await?;
                 }
                 None => disks::qcow2_overlay(&rec.rootfs, &qcow).await?,
             }
@@ -191,10 +188,7 @@ async fn root_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<DiskSpec, 
         });
     }
     if !raw.exists() {
-        let (src, dst) = (rec.rootfs.clone(), raw.clone());
-        let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
-            .await
-            .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+        let method = disks::clone(&rec.rootfs, &raw).await?;
         log.stage_done(
             "disks",
             format!("root disk: {} of the image", method.as_str()),
@@ -226,23 +220,14 @@ async fn work_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<Option<Dis
                 let (seed, bytes) = (seed.clone(), rec.disk_bytes);
                 let name = format!("work-{}.ext4", bytes >> 20);
                 let template = disks::template(&templates.join(name), |tmp| async move {
-                    let (src, dst) = (seed, tmp.clone());
-                    tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
-                        .await
-                        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+                    disks::clone(&seed, &tmp).await?;
                     disks::grow_ext4(&tmp, bytes).await
                 })
                 .await?;
-                let dst = tmp.clone();
-                tokio::task::spawn_blocking(move || disks::clone_file(&template, &dst))
-                    .await
-                    .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??
+                disks::clone(&template, &tmp).await?
             }
             None => {
-                let (src, dst) = (seed.clone(), tmp.clone());
-                let method = tokio::task::spawn_blocking(move || disks::clone_file(&src, &dst))
-                    .await
-                    .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))??;
+                let method = disks::clone(seed, &tmp).await?;
                 disks::grow_ext4(&tmp, rec.disk_bytes).await?;
                 method
             }

@@ -82,6 +82,14 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod, ErrorData> {
         )))
 }
 
+/// [`clone_file`] on a blocking thread.
+pub async fn clone(src: &Path, dst: &Path) -> Result<CloneMethod, ErrorData> {
+    let (src, dst) = (src.to_path_buf(), dst.to_path_buf());
+    tokio::task::spawn_blocking(move || clone_file(&src, &dst))
+        .await
+        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))?
+}
+
 fn sparse_copy(mut input: File, mut output: File) -> std::io::Result<()> {
     let len = input.metadata()?.len();
     output.set_len(len)?;
@@ -273,7 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_template_is_made_once_and_a_failed_one_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("templates/t.img");
         let calls = std::sync::atomic::AtomicU32::new(0);
         let make = |tmp: PathBuf| {
@@ -283,23 +291,23 @@ mod tests {
                     .map_err(|e| ErrorData::from_error(ErrorKind::Internal, &e))
             }
         };
-        assert_eq!(template(&path, make).await.unwrap(), path);
-        assert_eq!(template(&path, make).await.unwrap(), path);
+        assert_eq!(template(&path, make).await.expect("template"), path);
+        assert_eq!(template(&path, make).await.expect("template"), path);
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(std::fs::read(&path).unwrap(), b"made");
+        assert_eq!(std::fs::read(&path).expect("read"), b"made");
 
         let failed = dir.path().join("templates/f.img");
         let err = template(&failed, |tmp: PathBuf| async move {
-            std::fs::write(&tmp, b"half").unwrap();
+            std::fs::write(&tmp, b"half").expect("write");
             Err(ErrorData::new(ErrorKind::Internal, "disk full"))
         })
         .await
-        .unwrap_err();
+        .expect_err("a failed make is an error");
         assert!(err.message.contains("disk full"), "{err:?}");
         assert!(!failed.exists());
         let left: Vec<_> = std::fs::read_dir(dir.path().join("templates"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("t.img")]);
     }
