@@ -196,7 +196,15 @@ async fn dns_runs(daemon: &BenchDaemon, args: &NetArgs) -> anyhow::Result<(Socke
         per_source * sources
     );
     runs.push(
-        dnsperf::run(&what, addr, &queries, &many, args.dns_secs, Some(per_source)).await?,
+        dnsperf::run(
+            &what,
+            addr,
+            &queries,
+            &many,
+            args.dns_secs,
+            Some(per_source),
+        )
+        .await?,
     );
     for run in &runs {
         if run.noerror != run.completed {
