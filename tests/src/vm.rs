@@ -92,39 +92,12 @@ pub fn describe(r: Result<Response, ClientError>) -> String {
     }
 }
 
-/// Runs `argv` in the VM; returns (status, stdout, stderr).
+/// Runs `argv` in the VM; returns (status, stdout, stderr). Panics on an
+/// error.
 pub async fn exec(c: &mut Client, name: &str, argv: &[&str]) -> (ExitStatus, String, String) {
-    let request = Request::VmExec(VmExecRequest {
-        name: name.into(),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![],
-        cwd: None,
-        tty: None,
-        stdin: false,
-    });
-    let id = c.send(request).await.expect("send exec");
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let result = tokio::time::timeout(
-        SHORT,
-        c.wait_reply_with_output(
-            id,
-            &mut |_| {},
-            &mut |_| {},
-            &mut |stream, data| match stream {
-                OutputStream::Stdout => out.extend(data),
-                OutputStream::Stderr => err.extend(data),
-            },
-        ),
-    )
-    .await
-    .expect("exec answered in time");
-    match result {
-        Ok(Response::Exited(status)) => (
-            status,
-            String::from_utf8_lossy(&out).into_owned(),
-            String::from_utf8_lossy(&err).into_owned(),
-        ),
-        other => panic!("exec {argv:?}: {}", describe(other)),
+    match try_exec(c, name, argv).await {
+        Ok(done) => done,
+        Err(e) => panic!("exec {argv:?}: {}", describe(Err::<Response, _>(e))),
     }
 }
 
