@@ -13,7 +13,8 @@
 //! `systemctl restart systemd-resolved` would.
 //!
 //! Needs `dig` and `getent`; `BANGER_TEST_RESOLVED` names the
-//! `systemd-resolved` binary (default `/lib/systemd/systemd-resolved`).
+//! `systemd-resolved` binary (default: where test-all.sh unpacks it, else
+//! `/lib/systemd/systemd-resolved`).
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -25,6 +26,9 @@ use std::time::Duration;
 use banger_protocol::{Request, Response};
 use banger_tests::TestDaemon;
 
+/// Where `scripts/test-all.sh` unpacks Debian's systemd-resolved.
+const UNPACKED_RESOLVED: &str =
+    "/var/cache/banger-tests/systemd-resolved/lib/systemd/systemd-resolved";
 const DROPIN: &str = "/etc/systemd/resolved.conf.d/banger.conf";
 const WEB_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 21);
 
@@ -38,7 +42,14 @@ T="$1"; shift
 mount --bind "$T/passwd" /etc/passwd
 mount --bind "$T/group" /etc/group
 mount -t tmpfs banger-test /etc/systemd
-mount -t tmpfs banger-test /run/systemd
+# (Where /run/systemd does not exist, a tmpfs over all of /run holds it,
+# so that nothing is created on the host.)
+if [ -d /run/systemd ]; then
+  mount -t tmpfs banger-test /run/systemd
+else
+  mount -t tmpfs banger-test /run
+  mkdir /run/systemd
+fi
 mount --bind "$T/resolv.conf" /etc/resolv.conf
 # resolved only asks its servers while some link is routable.
 ip link add bgt-up0 type veth peer name bgt-up1
@@ -79,7 +90,13 @@ exit 1
 fn resolved_binary() -> PathBuf {
     let path = std::env::var_os("BANGER_TEST_RESOLVED")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/lib/systemd/systemd-resolved"));
+        .or_else(|| {
+            [UNPACKED_RESOLVED, "/lib/systemd/systemd-resolved"]
+                .map(PathBuf::from)
+                .into_iter()
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from(UNPACKED_RESOLVED));
     assert!(
         path.is_file(),
         "systemd-resolved not found at {}: run scripts/test-all.sh, which unpacks it, \
