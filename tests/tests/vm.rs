@@ -49,6 +49,36 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
         .unwrap_or_default()
         .to_string();
     assert_ne!(early, "running", "--detach waited for the boot: {created}");
+    // Ctrl-C in a `vm watch` stops that watcher, not the create.
+    let mut watcher = d
+        .banger_command(["vm", "watch", "bb"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vm watch");
+    std::thread::sleep(Duration::from_millis(1500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watcher.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT the watcher");
+    let waited = Instant::now();
+    let code = loop {
+        if let Some(status) = watcher.try_wait().expect("wait for vm watch") {
+            break status.code();
+        }
+        assert!(
+            waited.elapsed() < SHORT,
+            "vm watch did not end on Ctrl-C within {SHORT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut watch_err = String::new();
+    if let Some(mut e) = watcher.stderr.take() {
+        let _ = e.read_to_string(&mut watch_err);
+    }
+    assert_eq!(code, Some(130), "vm watch after Ctrl-C: {watch_err}");
     let outcome = run(&mut c, Request::VmWatch { name: "bb".into() }, BOOT).await;
     let stages = outcome.stages();
     let info = match outcome.result {

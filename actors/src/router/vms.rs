@@ -120,9 +120,23 @@ async fn follow_for_client(
     rctx: &RequestCtx,
     on_cancel: impl FnOnce(),
 ) -> Result<VmInfo, ErrorData> {
+    follow_op(log, rctx, Some(on_cancel)).await
+}
+
+/// Follows `log` for a watcher: an explicit cancel (Ctrl-C in `vm watch`)
+/// only stops the watching; the operation goes on.
+async fn watch_for_client(log: &OpLog, rctx: &RequestCtx) -> Result<VmInfo, ErrorData> {
+    follow_op(log, rctx, None::<fn()>).await
+}
+
+async fn follow_op(
+    log: &OpLog,
+    rctx: &RequestCtx,
+    mut on_cancel: Option<impl FnOnce()>,
+) -> Result<VmInfo, ErrorData> {
     let mut fwd = forward(rctx);
     let mut follower = Follower::new(log);
-    let mut on_cancel = Some(on_cancel);
+    let mut cancelled = false;
     loop {
         if let Some(result) = follower.drain(&mut fwd) {
             return result;
@@ -130,8 +144,12 @@ async fn follow_for_client(
         tokio::select! {
             changed = follower.changed() => changed?,
             _ = rctx.connection.cancelled() => return Err(rctx.cancelled_error()),
-            _ = rctx.cancel.cancelled(), if on_cancel.is_some() => {
-                if let Some(f) = on_cancel.take() { f(); }
+            _ = rctx.cancel.cancelled(), if !cancelled => {
+                cancelled = true;
+                match on_cancel.take() {
+                    Some(f) => f(),
+                    None => return Err(rctx.cancelled_error()),
+                }
             }
         }
     }
@@ -155,14 +173,16 @@ async fn run_op(
 
 async fn watch(name: &str, rctx: &RequestCtx) -> Result<VmInfo, ErrorData> {
     let n = name.to_string();
-    if let Some((log, cancel)) =
+    // Ctrl-C in `vm watch` stops watching, not the create or operation
+    // (`vm delete` ends a create).
+    if let Some((log, _cancel)) =
         ask(names::VMS, |reply| VmsMsg::Pending { name: n, reply }, ASK).await?
     {
-        return follow_for_client(&log, rctx, move || cancel.cancel()).await;
+        return watch_for_client(&log, rctx).await;
     }
     let vm = supervisor(name).await?;
     match ask_ref("vm", &vm, VmMsg::CurrentOp, ASK).await? {
-        Some(log) => follow_for_client(&log, rctx, || {}).await,
+        Some(log) => watch_for_client(&log, rctx).await,
         None => ask_ref("vm", &vm, VmMsg::Info, ASK).await,
     }
 }
