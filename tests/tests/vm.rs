@@ -256,7 +256,7 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
         .map(|e| e.expect("entry").path().join("templates"))
         .find(|p| p.is_dir())
         .expect("the image has a templates directory");
-    let work_template = templates.join(format!("work-{}.ext4", info.disk_bytes >> 20));
+    let work_template = templates.join(format!("work-{}.ext4", info.disk_bytes));
     let dump = Command::new("debugfs")
         .args(["-R", "ls -l /"])
         .arg(&work_template)

@@ -218,7 +218,7 @@ async fn work_disk(rec: &VmRecord, dir: &Path, log: &OpLog) -> Result<Option<Dis
         let method = match disks::templates_dir(&rec.rootfs, Some(seed)) {
             Some(templates) => {
                 let (seed, bytes) = (seed.clone(), rec.disk_bytes);
-                let name = format!("work-{}.ext4", bytes >> 20);
+                let name = format!("work-{bytes}.ext4");
                 let template = disks::template(&templates.join(name), |tmp| async move {
                     disks::clone(&seed, &tmp).await?;
                     disks::grow_ext4(&tmp, bytes).await
