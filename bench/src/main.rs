@@ -112,3 +112,17 @@ fn resolve_bin_dir(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// The 1, 5 and 15 minute load averages: timings are only comparable on
+/// an otherwise idle machine.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A progress line on stderr (the table goes to stdout).
+pub(crate) fn note(text: String) {
+    eprintln!("banger-bench: {text}");
+}

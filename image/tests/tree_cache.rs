@@ -133,14 +133,9 @@ async fn farms_match_a_direct_unpack_and_the_entry_never_changes() {
 
     // Cold: build, commit, and get a farm.
     let build = cache.begin(&key).expect("begin");
-    let mut u = Unpacker::new(&build.tree_dir(), Limits::default()).expect("unpacker");
-    for (digest, c, blob) in layers() {
-        u.apply_layer(digest, c, std::io::Cursor::new(blob))
-            .await
-            .expect("apply");
-    }
+    let tree = unpack_into(&build.tree_dir()).await;
     let first = tmp.path().join("pull-1");
-    let committed = build.commit(u.finish(), &first).expect("commit");
+    let committed = build.commit(tree, &first).expect("commit");
     assert!(committed.cached, "{:?}", committed.note);
     wait_for_durable(&cache, &key);
     assert_eq!(committed.tree.root, first);
@@ -236,25 +231,15 @@ async fn partial_entries_are_not_trusted_and_prune_follows_references() {
 
     // A real entry.
     let build = cache.begin(&key).expect("begin");
-    let mut u = Unpacker::new(&build.tree_dir(), Limits::default()).expect("unpacker");
-    for (digest, c, blob) in layers() {
-        u.apply_layer(digest, c, std::io::Cursor::new(blob))
-            .await
-            .expect("apply");
-    }
+    let tree = unpack_into(&build.tree_dir()).await;
     let farm = tmp.path().join("farm");
-    assert!(build.commit(u.finish(), &farm).expect("commit").cached);
+    assert!(build.commit(tree, &farm).expect("commit").cached);
     wait_for_durable(&cache, &key);
     // A second build of the same key loses the rename; its farm is fine.
     let build = cache.begin(&key).expect("begin");
-    let mut u = Unpacker::new(&build.tree_dir(), Limits::default()).expect("unpacker");
-    for (digest, c, blob) in layers() {
-        u.apply_layer(digest, c, std::io::Cursor::new(blob))
-            .await
-            .expect("apply");
-    }
+    let tree = unpack_into(&build.tree_dir()).await;
     let farm2 = tmp.path().join("farm2");
-    let lost = build.commit(u.finish(), &farm2).expect("commit");
+    let lost = build.commit(tree, &farm2).expect("commit");
     assert!(!lost.cached);
     assert!(lost.note.is_some());
     assert_eq!(comparable(snapshot(&farm2)), comparable(snapshot(&farm)));

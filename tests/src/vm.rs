@@ -172,21 +172,25 @@ pub async fn list_vms(c: &mut Client) -> Vec<VmInfo> {
     }
 }
 
-/// Runs `argv` in the VM; returns (status, stdout, stderr) or the error.
-pub async fn try_exec(
-    c: &mut Client,
-    name: &str,
-    argv: &[&str],
-) -> Result<(ExitStatus, String, String), ClientError> {
-    let request = Request::VmExec(VmExecRequest {
+/// A plain `VmExec` of `argv` (no stdin, no terminal).
+pub fn exec_request(name: &str, argv: &[&str]) -> Request {
+    Request::VmExec(VmExecRequest {
         name: name.into(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: vec![],
         cwd: None,
         tty: None,
         stdin: false,
-    });
-    let id = c.send(request).await?;
+    })
+}
+
+/// Runs `argv` in the VM; returns (status, stdout, stderr) or the error.
+pub async fn try_exec(
+    c: &mut Client,
+    name: &str,
+    argv: &[&str],
+) -> Result<(ExitStatus, String, String), ClientError> {
+    let id = c.send(exec_request(name, argv)).await?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let result = tokio::time::timeout(
         SHORT,

@@ -16,7 +16,8 @@ use banger_protocol::client::ClientError;
 use banger_protocol::{ExitStatus, Request, Response, VmCreateRequest, VmState};
 use banger_tests::artifacts::{images_dir, run};
 use banger_tests::vm::{
-    ask, busybox_setup, describe, dig, exec, network, qemu_pids, vm, BOOT, SHORT,
+    ask, assert_nothing_left, busybox_setup, describe, dig, exec, network, qemu_pids, vm, BOOT,
+    SHORT,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,20 +285,7 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
         Ok(Response::Deleted { name }) => assert_eq!(name, "bb"),
         other => panic!("delete: {}", describe(other)),
     }
-    assert!(qemu_pids(&d).is_empty(), "QEMU still running after delete");
-    match ask(&mut c, Request::VmList, SHORT).await {
-        Ok(Response::Vms(v)) => assert!(v.is_empty(), "{v:?}"),
-        other => panic!("list: {}", describe(other)),
-    }
-    let net = network(&mut c).await;
-    assert!(net.pool.in_use.is_empty(), "{:?}", net.pool);
-    assert!(net.leases.is_empty(), "{:?}", net.leases);
-    assert!(net.dns.records.is_empty(), "{:?}", net.dns.records);
-    let vms_dir = d.paths().state_dir.join("vms");
-    let left: Vec<_> = std::fs::read_dir(&vms_dir)
-        .map(|r| r.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "VM dirs left: {left:?}");
+    assert_nothing_left(&d, &mut c).await;
 }
 
 /// Runs `cmd` on a new pseudo-terminal of `size` (rows, cols), typing each

@@ -14,11 +14,11 @@
 use std::time::{Duration, Instant};
 
 use banger_protocol::{
-    ExitStatus, Request, Response, RestartPolicy, VmCreateRequest, VmExecRequest, VmInfo, VmState,
+    ExitStatus, Request, Response, RestartPolicy, VmCreateRequest, VmInfo, VmState,
 };
 use banger_tests::vm::{
-    ask, busybox_setup_with_config, describe, dig, exec, network, qemu_pids, vm, vm_config, BOOT,
-    SHORT,
+    ask, busybox_setup_with_config, describe, dig, exec, exec_request, network, qemu_pids, vm,
+    vm_config, BOOT, SHORT,
 };
 use banger_tests::TestDaemon;
 
@@ -78,15 +78,7 @@ fn sigkill(pid: u32) {
 /// outcome is ignored.
 async fn exec_and_forget(d: &TestDaemon, name: &str, argv: &[&str]) {
     let mut c = d.client().await;
-    let request = Request::VmExec(VmExecRequest {
-        name: name.into(),
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![],
-        cwd: None,
-        tty: None,
-        stdin: false,
-    });
-    let id = c.send(request).await.expect("send exec");
+    let id = c.send(exec_request(name, argv)).await.expect("send exec");
     let outcome = tokio::time::timeout(
         Duration::from_secs(20),
         c.wait_reply_with_output(id, &mut |_| {}, &mut |_| {}, &mut |_, _| {}),

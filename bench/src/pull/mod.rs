@@ -38,6 +38,7 @@ use crate::daemon::{BenchDaemon, Stopped};
 use crate::measure;
 use crate::stats::Summary;
 use crate::table::{self, fmt_duration, Columns, Row, Target, Value, MIB};
+use crate::{load_average, note};
 
 use self::banger::Pulled;
 use self::image::{Image, Spec, Stats};
@@ -448,20 +449,6 @@ pub fn render(report: &Report) -> String {
         table::render(&report.rows, Columns::WithoutP99),
         report.stopped,
     )
-}
-
-/// The 1, 5 and 15 minute load averages: timings are only comparable on
-/// an otherwise idle machine.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// A progress line on stderr (the table goes to stdout).
-fn note(text: String) {
-    eprintln!("banger-bench: {text}");
 }
 
 /// Waits (up to 60 s) until the daemon whose state is `state` has

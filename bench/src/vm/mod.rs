@@ -33,6 +33,7 @@ use anyhow::{anyhow, bail};
 use crate::args::{Accel, VmArgs};
 use crate::stats::Summary;
 use crate::table::{self, fmt_duration, Columns, Row, Target, Value};
+use crate::{load_average, note};
 
 use self::ssh::SshRuns;
 use self::stages::{stage_samples, Create};
@@ -394,19 +395,6 @@ pub fn render(report: &Report) -> String {
         }
     }
     out
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// A progress line on stderr (the table goes to stdout).
-fn note(text: String) {
-    eprintln!("banger-bench: {text}");
 }
 
 #[cfg(test)]
