@@ -4,7 +4,9 @@
 //!
 //! Durability contract: a write is acknowledged only after sled has
 //! flushed it to the file, so an acknowledged write survives the daemon
-//! being killed at any moment (tested by `tests/crash.rs`).
+//! being killed at any moment (tested by `tests/crash.rs`). The flush is
+//! awaited outside the mailbox (group commit): reads that come after a
+//! write see it at once, and concurrent writers share one fsync.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -138,6 +140,30 @@ fn open(path: &PathBuf) -> Result<sled::Db, StoreError> {
 }
 
 impl StoreState {
+    /// Answers a write once it is on disk, without holding the mailbox:
+    /// the write is already applied (later reads see it), and the flush
+    /// runs beside the next messages. Writes that arrive meanwhile share
+    /// the flush that covers them (sled makes everything up to a log
+    /// position stable at once), so parallel writers pay for one fsync
+    /// rather than queueing one each behind the others.
+    fn ack_when_durable<T: Send + 'static>(
+        &self,
+        reply: RpcReplyPort<Result<T, ErrorData>>,
+        value: T,
+    ) {
+        let db = self.db.clone();
+        // A blocking flush on the blocking pool: sled 0.34's `flush_async`
+        // deadlocks when several run at once (spacejam/sled#1308), and
+        // here several do.
+        tokio::task::spawn_blocking(move || {
+            let res = db
+                .flush()
+                .map(|_| value)
+                .map_err(|e| ErrorData::from(StoreError::from(e)));
+            let _ = reply.send(res);
+        });
+    }
+
     fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
     }
@@ -185,7 +211,12 @@ impl Actor for Store {
         _myself: ActorRef<StoreMsg>,
         state: &mut StoreState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Err(err) = state.db.flush_async().await {
+        let db = state.db.clone();
+        let flushed = tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(err) = flushed {
             warn!(error = %err, "store flush on stop failed");
         }
         info!("store closed");
@@ -207,35 +238,31 @@ impl Actor for Store {
                 key,
                 value,
                 reply,
-            } => {
-                let res = async {
-                    state.tree(&tree)?.insert(key, value)?;
-                    state.db.flush_async().await?;
-                    Ok::<_, StoreError>(())
+            } => match state.tree(&tree).and_then(|t| Ok(t.insert(key, value)?)) {
+                Ok(_) => state.ack_when_durable(reply, ()),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
                 }
-                .await;
-                let _ = reply.send(res.map_err(ErrorData::from));
-            }
+            },
             StoreMsg::Batch {
                 tree,
                 puts,
                 removes,
                 reply,
             } => {
-                let res = async {
-                    let mut batch = sled::Batch::default();
-                    for (k, v) in puts {
-                        batch.insert(k, v);
-                    }
-                    for k in removes {
-                        batch.remove(k);
-                    }
-                    state.tree(&tree)?.apply_batch(batch)?;
-                    state.db.flush_async().await?;
-                    Ok::<_, StoreError>(())
+                let mut batch = sled::Batch::default();
+                for (k, v) in puts {
+                    batch.insert(k, v);
                 }
-                .await;
-                let _ = reply.send(res.map_err(ErrorData::from));
+                for k in removes {
+                    batch.remove(k);
+                }
+                match state.tree(&tree).and_then(|t| Ok(t.apply_batch(batch)?)) {
+                    Ok(()) => state.ack_when_durable(reply, ()),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
             }
             StoreMsg::Get { tree, key, reply } => {
                 let res =
@@ -243,13 +270,12 @@ impl Actor for Store {
                 let _ = reply.send(res.map_err(ErrorData::from));
             }
             StoreMsg::Delete { tree, key, reply } => {
-                let res = async {
-                    let existed = state.tree(&tree)?.remove(key)?.is_some();
-                    state.db.flush_async().await?;
-                    Ok::<_, StoreError>(existed)
+                match state.tree(&tree).and_then(|t| Ok(t.remove(key)?)) {
+                    Ok(old) => state.ack_when_durable(reply, old.is_some()),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-                .await;
-                let _ = reply.send(res.map_err(ErrorData::from));
             }
             StoreMsg::Scan {
                 tree,

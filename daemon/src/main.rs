@@ -6,6 +6,7 @@ mod config;
 mod doctor;
 mod instance;
 mod logging;
+mod priority;
 mod vm_setup;
 
 use std::future::Future;
@@ -131,6 +132,20 @@ async fn run() -> anyhow::Result<ExitCode> {
         state_dir = %paths.state_dir.display(),
         "bangerd starting"
     );
+    match priority::apply(config.nice) {
+        Ok(applied) => info!(
+            nice = config.nice,
+            threads = applied.threads,
+            autogroup = applied.autogroup,
+            "CPU priority set"
+        ),
+        Err(e) => warn!(
+            nice = config.nice,
+            error = %e,
+            "cannot set the CPU priority (lowering nice needs root); running at {:?}",
+            priority::current()
+        ),
+    }
 
     let agent_path = vm_setup::agent_path(&config.vm.agent_path);
     let vm_settings = vm_setup::settings(&config, &paths, agent_path.clone())?;

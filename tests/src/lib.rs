@@ -685,3 +685,30 @@ pub fn usable_group() -> nix::unistd::Group {
         .find_map(|gid| Group::from_gid(gid).ok().flatten())
         .expect("at least the primary group has a name in /etc/group")
 }
+
+/// The nice value of every thread of process `pid`, and its autogroup's
+/// nice value where the kernel has autogroups.
+pub fn nice_values(pid: u32) -> (Vec<i32>, Option<i32>) {
+    let mut threads = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // Field 19, counting from the pid; the command name (field 2)
+            // may hold spaces and ends at the last ')'.
+            let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+            if let Some(nice) = after
+                .split_whitespace()
+                .nth(16)
+                .and_then(|n| n.parse().ok())
+            {
+                threads.push(nice);
+            }
+        }
+    }
+    let group = std::fs::read_to_string(format!("/proc/{pid}/autogroup"))
+        .ok()
+        .and_then(|s| s.split_whitespace().last()?.parse().ok());
+    (threads, group)
+}

@@ -129,6 +129,43 @@ async fn status_stop_and_restart_on_the_same_dirs() {
 }
 
 #[tokio::test]
+async fn the_daemon_runs_at_its_configured_priority() {
+    // The default: ahead of guests and the rest of the host.
+    let d = TestDaemon::start();
+    ping(&d).await;
+    let (threads, group) = banger_tests::nice_values(d.pid());
+    assert!(threads.len() >= 2, "threads of bangerd: {threads:?}");
+    assert!(
+        threads.iter().all(|&n| n == -10),
+        "every thread at nice -10: {threads:?}"
+    );
+    if std::path::Path::new("/proc/self/autogroup").exists() {
+        assert_eq!(group, Some(-10), "bangerd's autogroup");
+    }
+    drop(d);
+
+    // Configured.
+    let d = TestDaemon::builder().config("nice = 3\n").start();
+    ping(&d).await;
+    let (threads, group) = banger_tests::nice_values(d.pid());
+    assert!(threads.iter().all(|&n| n == 3), "nice 3: {threads:?}");
+    if group.is_some() {
+        assert_eq!(group, Some(3));
+    }
+    drop(d);
+
+    // Out of range: refused, naming the key.
+    let d = TestDaemon::builder().config("nice = -21\n").prepare();
+    let out = d.run_second_instance(Duration::from_secs(20));
+    assert!(!out.status.success(), "nice = -21 was accepted");
+    assert!(
+        stderr(&out).contains("nice must be between -20 and 19"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test]
 async fn sigterm_is_a_graceful_exit() {
     let mut d = TestDaemon::start();
     ping(&d).await;

@@ -104,6 +104,14 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
     let ip: Ipv4Addr = info.ip.expect("an address");
     assert!(info.agent_ready, "{info:?}");
     assert_eq!(qemu_pids(&d).len(), 1, "one QEMU for one VM");
+    // bangerd runs at nice -10; its guest does not inherit that.
+    let (threads, group) = banger_tests::nice_values(qemu_pids(&d)[0]);
+    assert!(
+        !threads.is_empty() && threads.iter().all(|&n| n == 0),
+        "QEMU's threads at nice 0: {threads:?}"
+    );
+    assert!(group.is_none_or(|g| g == 0), "QEMU's autogroup: {group:?}");
+    assert_eq!(banger_tests::nice_values(d.pid()).1.unwrap_or(-10), -10);
 
     // The agent is init, and exec reports output and exit codes.
     let (status, out, _) = exec(&mut c, "bb", &["busybox", "cat", "/proc/1/comm"]).await;

@@ -142,7 +142,7 @@ pub fn find_binary(binary: &str) -> Result<std::path::PathBuf, VmmError> {
 }
 
 /// Starts `cmd` in a new session (so signals to bangerd's process group
-/// and bangerd's death do not reach it), with stdin from /dev/null and
+/// and bangerd's death do not reach it) at nice 0, with stdin from /dev/null and
 /// stdout/stderr appended to `output`. Returns its identity.
 pub fn spawn_detached(mut cmd: Command, output: &Path) -> Result<ProcessId, VmmError> {
     let binary = cmd.get_program().to_string_lossy().into_owned();
@@ -159,12 +159,17 @@ pub fn spawn_detached(mut cmd: Command, output: &Path) -> Result<ProcessId, VmmE
         source,
     })?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: setsid is async-signal-safe and touches no Rust state.
+    // SAFETY: setsid and setpriority are async-signal-safe and touch no
+    // Rust state.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // bangerd may run at a raised priority (its `nice`); the guest
+            // runs at the default one, in the fresh autogroup setsid gave
+            // it. Raising a nice value is always allowed.
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
             Ok(())
         });
     }

@@ -134,8 +134,20 @@ async fn mmdebstrap(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: setsid and setpriority are async-signal-safe.
+    unsafe {
+        // Its own session (and so process group, for `GroupGuard`, and
+        // autogroup) at nice 0: a build is minutes of CPU that must not
+        // inherit bangerd's raised priority.
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+            Ok(())
+        });
+    }
     if !nix::unistd::geteuid().is_root() {
         cmd.arg("--mode=unshare");
     }

@@ -104,6 +104,13 @@ pub enum VmsMsg {
         requested_ip: Option<Ipv4Addr>,
         reply: RpcReplyPort<Result<ActorRef<VmMsg>, ErrorData>>,
     },
+    /// A reservation's durable part is done (or failed): start the
+    /// supervisor and answer `Reserve`'s caller.
+    Reserved {
+        name: String,
+        result: Result<Box<VmRecord>, ErrorData>,
+        reply: RpcReplyPort<Result<ActorRef<VmMsg>, ErrorData>>,
+    },
     /// Forgets a torn-down VM: record, lease, supervisor. With `id`, only
     /// the VM of that id (a failed create cleans up its own VM, never a
     /// later one of the same name); a VM that is already gone is no error.
@@ -158,6 +165,12 @@ pub struct VmsState {
     /// current one runs (for `banger debug actors`).
     lives: HashMap<String, (u32, Instant)>,
     pending: HashMap<String, (OpLog, CancellationToken)>,
+    /// Names whose reservation (lease and record) is being written.
+    reserving: HashSet<String>,
+    /// The tasks writing them. Dropped with this state, so a killed
+    /// manager's reservations stop at their next step instead of writing
+    /// records its successor has not loaded.
+    reservations: tokio::task::JoinSet<()>,
     image_use: Arc<watch::Sender<ImageUse>>,
     /// Records of creates a daemon crash interrupted, undone in `post_start`.
     interrupted: Vec<VmRecord>,
@@ -302,7 +315,10 @@ impl VmsState {
     }
 
     fn ensure_free(&self, name: &str) -> Result<(), ErrorData> {
-        if self.infos.contains_key(name) || self.actors.contains_key(name) {
+        if self.infos.contains_key(name)
+            || self.actors.contains_key(name)
+            || self.reserving.contains(name)
+        {
             return Err(ErrorData::new(
                 ErrorKind::AlreadyExists,
                 format!("name taken: a VM named `{name}` exists"),
@@ -465,6 +481,8 @@ impl Actor for VmManager {
             spawning: HashSet::new(),
             lives: HashMap::new(),
             pending: HashMap::new(),
+            reserving: HashSet::new(),
+            reservations: tokio::task::JoinSet::new(),
             image_use: args.image_use,
             interrupted: Vec::new(),
         };
@@ -578,58 +596,94 @@ impl Actor for VmManager {
                 requested_ip,
                 reply,
             } => {
-                let mut rec = *record;
-                let name = rec.name.clone();
-                let r = async {
-                    if state.infos.contains_key(&name) || state.actors.contains_key(&name) {
-                        return Err(ErrorData::new(ErrorKind::AlreadyExists, format!("name taken: a VM named `{name}` exists")));
+                let name = record.name.clone();
+                let free = if state.infos.contains_key(&name)
+                    || state.actors.contains_key(&name)
+                    || state.reserving.contains(&name)
+                {
+                    Err(ErrorData::new(
+                        ErrorKind::AlreadyExists,
+                        format!("name taken: a VM named `{name}` exists"),
+                    ))
+                } else if !state.settings.network && requested_ip.is_some() {
+                    Err(ErrorData::new(
+                        ErrorKind::InvalidRequest,
+                        "--ip needs guest networking, which is disabled ([network] enabled = false)",
+                    ))
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = free {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                // The durable part (lease, record) waits on the disk: it
+                // runs beside this mailbox, so parallel creates reserve at
+                // the same time and share their flushes. The name is held
+                // in `reserving` until `Reserved` comes back.
+                state.reserving.insert(name.clone());
+                let me = myself.clone();
+                let store = state.store.clone();
+                let network = state.settings.network;
+                let timeout = state.store_timeout;
+                state.reservations.spawn(async move {
+                    let result =
+                        reserve_durably(*record, requested_ip, network, &store, timeout).await;
+                    let msg = VmsMsg::Reserved {
+                        name,
+                        result: result.map(Box::new),
+                        reply,
+                    };
+                    if let Err(ractor::MessagingErr::SendErr(VmsMsg::Reserved {
+                        name,
+                        result: Ok(_),
+                        ..
+                    })) = me.cast(msg)
+                    {
+                        // The manager died meanwhile; the create's undo
+                        // (it gets no answer) removes the VM by name, and
+                        // the next manager loads the record to find it.
+                        warn!(vm = %name, "the VM manager stopped during a reservation");
                     }
-                    if state.settings.network {
-                        let owner = lease_owner(&name);
-                        let lease = match ask(
-                            names::TAPS,
-                            |reply| TapsMsg::Reserve { owner, ip: requested_ip, reply },
-                            state.store_timeout,
-                        )
-                        .await
-                        {
-                            Ok(r) => r?,
+                });
+            }
+            VmsMsg::Reserved {
+                name,
+                result,
+                reply,
+            } => {
+                state.reserving.remove(&name);
+                while state.reservations.try_join_next().is_some() {}
+                let r = match result {
+                    Ok(rec) => {
+                        state.infos.insert(name.clone(), rec.info(&state.settings));
+                        state.lives.remove(&name);
+                        match state.spawn_vm(&myself, &name).await {
+                            Ok(actor) => Ok(actor),
                             Err(e) => {
-                                // The answer was lost: the lease may exist.
+                                state.infos.remove(&name);
+                                state.lives.remove(&name);
+                                forget_record(&state.store, &name).await;
                                 undo_lease(&name).await;
-                                return Err(e);
+                                Err(e)
                             }
-                        };
-                        rec.ip = Some(lease.ip);
-                    } else if requested_ip.is_some() {
-                        return Err(ErrorData::new(ErrorKind::InvalidRequest, "--ip needs guest networking, which is disabled ([network] enabled = false)"));
-                    }
-                    if let Err(e) = state.store.put(record::TREE, name.as_bytes(), &rec).await {
-                        // The store may have written it before it failed to
-                        // answer: a record nobody knows would come back as a
-                        // VM with the next start of this manager.
-                        forget_record(&state.store, &name).await;
-                        undo_lease(&name).await;
-                        return Err(e);
-                    }
-                    state.infos.insert(name.clone(), rec.info(&state.settings));
-                    state.lives.remove(&name);
-                    match state.spawn_vm(&myself, &name).await {
-                        Ok(actor) => Ok(actor),
-                        Err(e) => {
-                            state.infos.remove(&name);
-                            state.lives.remove(&name);
-                            forget_record(&state.store, &name).await;
-                            undo_lease(&name).await;
-                            Err(e)
                         }
                     }
-                }
-                .await;
+                    Err(e) => Err(e),
+                };
                 state.publish_image_use();
                 let _ = reply.send(r);
             }
             VmsMsg::Remove { name, id, reply } => {
+                if state.reserving.contains(&name) {
+                    // Answered once the reservation is; then retried.
+                    let _ = reply.send(Err(ErrorData::new(
+                        ErrorKind::Unavailable,
+                        format!("VM `{name}` is being reserved"),
+                    )
+                    .with_hint("retry in a moment")));
+                    return Ok(());
+                }
                 // Already gone (a retried remove), or another VM of that
                 // name: nothing to do.
                 let ours = state
@@ -736,6 +790,49 @@ impl Actor for VmManager {
 
 /// Deletes the record of `name`, waiting out a restart of the store (up
 /// to 15 s).
+/// The durable part of a reservation: the guest address's lease, then
+/// the record. Whatever it wrote is undone when it fails.
+async fn reserve_durably(
+    mut rec: VmRecord,
+    requested_ip: Option<Ipv4Addr>,
+    network: bool,
+    store: &StoreClient,
+    timeout: Duration,
+) -> Result<VmRecord, ErrorData> {
+    let name = rec.name.clone();
+    if network {
+        let owner = lease_owner(&name);
+        let lease = match ask(
+            names::TAPS,
+            |reply| TapsMsg::Reserve {
+                owner,
+                ip: requested_ip,
+                reply,
+            },
+            timeout,
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(e) => {
+                // The answer was lost: the lease may exist.
+                undo_lease(&name).await;
+                return Err(e);
+            }
+        };
+        rec.ip = Some(lease.ip);
+    }
+    if let Err(e) = store.put(record::TREE, name.as_bytes(), &rec).await {
+        // The store may have written it before it failed to answer: a
+        // record nobody knows would come back as a VM with the next start
+        // of this manager.
+        forget_record(store, &name).await;
+        undo_lease(&name).await;
+        return Err(e);
+    }
+    Ok(rec)
+}
+
 async fn forget_record(store: &StoreClient, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -1,0 +1,65 @@
+//! bangerd's CPU priority (`nice` in config.toml).
+//!
+//! Linux schedules by autogroup (one per session) when the daemon is not
+//! in a CPU cgroup of its own, so a nice value on the threads alone would
+//! only rank them against each other: the daemon sets both its
+//! autogroup's nice (`/proc/self/autogroup`) and every thread's. VMMs are
+//! started in sessions of their own (`setsid`), which gives them fresh
+//! autogroups at 0, and reset their own nice to 0
+//! (`banger_vmm::process::spawn_detached`).
+
+use std::io;
+
+/// What `apply` managed to set.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub threads: usize,
+    pub autogroup: bool,
+}
+
+/// Sets the nice value of every thread of this process and, where the
+/// kernel has autogroups, of this process's autogroup.
+pub fn apply(nice: i32) -> io::Result<Applied> {
+    let mut applied = Applied::default();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let Some(tid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: setpriority on one of our own thread ids.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+            let err = io::Error::last_os_error();
+            // A thread that has just exited.
+            if err.raw_os_error() == Some(libc::ESRCH) {
+                continue;
+            }
+            return Err(err);
+        }
+        applied.threads += 1;
+    }
+    match std::fs::write("/proc/self/autogroup", nice.to_string()) {
+        Ok(()) => applied.autogroup = true,
+        // No autogroup support in this kernel.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(applied)
+}
+
+/// This thread's nice value and the autogroup's, as the kernel reports
+/// them (for logs and tests).
+pub fn current() -> (i32, Option<i32>) {
+    // SAFETY: getpriority of the calling thread; errno is cleared first
+    // since -1 is a valid result.
+    let nice = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    let group = std::fs::read_to_string("/proc/self/autogroup")
+        .ok()
+        .and_then(|s| s.split_whitespace().last()?.parse().ok());
+    (nice, group)
+}
