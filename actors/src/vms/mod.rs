@@ -623,7 +623,7 @@ impl Actor for VmManager {
                 // in `reserving` until `Reserved` comes back.
                 state.reserving.insert(name.clone());
                 let me = myself.clone();
-                let store = state.store.clone();
+                let store = state.store;
                 let network = state.settings.network;
                 let timeout = state.store_timeout;
                 state.reservations.spawn(async move {
