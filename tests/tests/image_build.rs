@@ -287,6 +287,12 @@ async fn boot_the_golden_image(d: &TestDaemon, image_id: &str) {
     assert!(info.has_sshd && info.agent_ready, "{info:?}");
     let ip = info.ip.expect("an address");
     assert_eq!(qemu_pids(d).len(), 1, "one QEMU for one VM");
+    // The kernel came from this image's /boot, so the image has its
+    // modules: no modules disk is attached.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", qemu_pids(d)[0])).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("id=work"), "QEMU: {cmdline}");
+    assert!(!cmdline.contains("id=modules"), "QEMU: {cmdline}");
     // The host keys were learnt through the agent, for every name of the VM.
     let known = std::fs::read_to_string(&info.known_hosts)
         .unwrap_or_else(|e| panic!("{}: {e}", info.known_hosts));
@@ -366,6 +372,18 @@ async fn boot_the_golden_image(d: &TestDaemon, image_id: &str) {
     );
     let (status, comm, _) = exec(&mut c, "gold", &["cat", "/proc/1/comm"]).await;
     assert_eq!((status, comm.as_str()), (ExitStatus::Code(0), "systemd\n"));
+    // ... and modules load from the image's own /lib/modules.
+    let (status, out, err) = exec(
+        &mut c,
+        "gold",
+        &[
+            "sh",
+            "-c",
+            "test -f /lib/modules/$(uname -r)/modules.dep && modprobe -n -v ext4",
+        ],
+    )
+    .await;
+    assert_eq!(status, ExitStatus::Code(0), "modules: {out} {err}");
     // /root is the VM's work disk, mounted by fstab.
     let (status, root, err) = exec(
         &mut c,

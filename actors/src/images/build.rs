@@ -277,7 +277,7 @@ pub async fn build(
             import_kernel(
                 &kernel_name,
                 src,
-                format!("built with image {name}"),
+                crate::kernels::built_with_image(&name),
                 layout,
                 rctx,
             )

@@ -11,6 +11,12 @@ pub mod catalog;
 pub mod download;
 pub mod import;
 
+/// The `source` of a kernel taken from an image build's own `/boot`
+/// (`banger image build`): that image carries its modules.
+pub fn built_with_image(image: &str) -> String {
+    format!("built with image {image}")
+}
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -381,7 +381,13 @@ async fn create_job(
         kernel: kernel.name.clone(),
         kernel_path,
         initrd_path: kernel.initrd_path.clone().map(Into::into),
-        modules_path: kernel.modules_path.clone().map(Into::into),
+        // The modules disk is for images without the kernel's modules;
+        // a kernel made from this image's own /boot has them in the image.
+        modules_path: kernel
+            .modules_path
+            .clone()
+            .filter(|_| kernel.source != crate::kernels::built_with_image(&image.name))
+            .map(Into::into),
         vmm,
         accel,
         accel_reason,
