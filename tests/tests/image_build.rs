@@ -194,6 +194,52 @@ async fn build_debian_bookworm_then_boot_it_with_systemd_and_ssh() {
     boot_the_golden_image(&d, &image_id).await;
 }
 
+/// The README's first command on a machine with nothing built: `banger vm
+/// run -- uname -a` (its branch without a terminal) gets the default image
+/// from the catalog, which means building it from Debian's archive, boots
+/// it and runs the command in it. Guest networking is off here (the
+/// daemon is in the host's namespace, where the archive is reachable), so
+/// the command goes through the guest agent rather than SSH; the test
+/// above covers networking and SSH on the same kind of image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_vm_run_builds_the_default_image_and_runs_a_command() {
+    let d = TestDaemon::builder()
+        .config(format!("[network]\nenabled = false\n{GOLDEN_VM_CONFIG}"))
+        .start();
+    let mut cmd = d.banger_command(["vm", "run", "--rm", "--name", "readme", "--", "uname", "-a"]);
+    cmd.env_remove("TERM");
+    let out = d.run_command(cmd, BUILD_TIMEOUT + BOOT);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        show_output("banger vm run -- uname -a", &out)
+    );
+    // uname -a in the guest: its kernel, its hostname.
+    assert!(
+        stdout.starts_with("Linux readme ") && stdout.contains("cloud-amd64"),
+        "stdout: {stdout}"
+    );
+    assert!(
+        stderr.contains("getting it from the catalog"),
+        "the image was not built on demand: {stderr}"
+    );
+    assert!(stderr.contains("readme is up"), "stderr: {stderr}");
+
+    // --rm: the VM is gone; the image stays for the next run.
+    let list = d.banger(["vm", "list", "--json"]);
+    let vms: serde_json::Value = serde_json::from_slice(&list.stdout).expect("vm list JSON");
+    assert_eq!(vms.as_array().map(Vec::len), Some(0), "{vms}");
+    let list = d.banger(["image", "list", "--json"]);
+    assert!(
+        text(&list.stdout).contains("\"debian-bookworm\""),
+        "{}",
+        text(&list.stdout)
+    );
+    assert!(qemu_pids(&d).is_empty(), "QEMU still running after --rm");
+    assert!(image_staging(&d).is_empty());
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
