@@ -229,9 +229,12 @@ async fn create_and_kill_at(
         killed,
         "create {name} never reached stage {stage} ({needle}): {result:?}; progress {seen:#?}"
     );
+    // After the agent's hello only the DNS record and the `running`
+    // record are left: the daemon may finish (and answer) before the
+    // SIGKILL lands. Before that stage it cannot.
     assert!(
-        !matches!(result, Ok(Response::Vm(_))),
-        "create {name} finished although the daemon was killed: {result:?}"
+        stage == "boot" || !matches!(result, Ok(Response::Vm(_))),
+        "create {name} finished although the daemon was killed at {stage}: {result:?}"
     );
     assert!(d.sigkill().is_some(), "bangerd did not die");
     seen

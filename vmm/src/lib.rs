@@ -215,7 +215,8 @@ pub trait VmmHandle: Send + Sync + fmt::Debug {
 
     /// For a VMM this handle launched: how long its process took from
     /// being spawned to answering on its control socket (QMP, the
-    /// Firecracker API). That is the VMM's own start-up, not banger's
+    /// Firecracker API; for QEMU, both of its monitors, connected at the
+    /// same time). That is the VMM's own start-up, not banger's
     /// work; `None` for an adopted process.
     fn start_up(&self) -> Option<Duration> {
         None

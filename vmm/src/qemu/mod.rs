@@ -148,8 +148,14 @@ impl QemuBackend {
     }
 
     /// Waits for QMP to come up on a QEMU just started and checks the
-    /// guest runs.
-    async fn start_up(&self, pid: ProcessId, paths: &RunPaths) -> Result<QmpClient, VmmError> {
+    /// guest runs. The event monitor is connected at the same time (QEMU
+    /// opens both sockets before its main loop), so its handshake costs no
+    /// extra round trips after start-up.
+    async fn start_up(
+        &self,
+        pid: ProcessId,
+        paths: &RunPaths,
+    ) -> Result<(QmpClient, EventSource), VmmError> {
         let timeout = self.startup_timeout;
         let deadline = Instant::now() + timeout;
         let stream = loop {
@@ -172,12 +178,51 @@ impl QemuBackend {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let mut qmp = tokio::time::timeout(remaining, QmpClient::handshake(stream))
-            .await
-            .map_err(|_| VmmError::SocketTimeout(timeout))??;
-        let status = tokio::time::timeout(QMP_TIMEOUT, qmp.execute("query-status", None))
-            .await
-            .map_err(|_| qmp_timeout("query-status"))??;
+        let control = async {
+            let mut qmp = tokio::time::timeout(remaining, QmpClient::handshake(stream))
+                .await
+                .map_err(|_| VmmError::SocketTimeout(timeout))??;
+            let status = tokio::time::timeout(QMP_TIMEOUT, qmp.execute("query-status", None))
+                .await
+                .map_err(|_| qmp_timeout("query-status"))??;
+            Ok::<_, VmmError>((qmp, status))
+        };
+        // Without the event monitor (an error here) exits are classified
+        // from the status and console.
+        let events = async {
+            // Its socket may appear a moment after the control one.
+            let connect = async {
+                loop {
+                    match UnixStream::connect(&paths.events).await {
+                        Ok(stream) => return QmpClient::handshake(stream).await,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                            ) =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(e) => return Err(VmmError::Control(e)),
+                    }
+                }
+            };
+            match tokio::time::timeout(QMP_TIMEOUT, connect).await {
+                Ok(Ok(client)) => EventSource::Connected(client),
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "no QEMU event monitor; exit reasons come from the console");
+                    EventSource::None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "the QEMU event monitor did not answer; exit reasons come from the console"
+                    );
+                    EventSource::None
+                }
+            }
+        };
+        let (control, events) = tokio::join!(control, events);
+        let (qmp, status) = control?;
         let status = parse_status(&status)?;
         if !status.running {
             return Err(VmmError::QmpProtocol(format!(
@@ -185,7 +230,7 @@ impl QemuBackend {
                 status.detail
             )));
         }
-        Ok(qmp)
+        Ok((qmp, events))
     }
 }
 
@@ -271,8 +316,8 @@ impl VmmBackend for QemuBackend {
         let guard = KillOnDrop(Some(pid));
         tracing::debug!(pid = pid.pid, "QEMU spawned");
 
-        let qmp = match self.start_up(pid, &paths).await {
-            Ok(qmp) => qmp,
+        let (qmp, events) = match self.start_up(pid, &paths).await {
+            Ok(started) => started,
             Err(err) => {
                 // If QEMU is exiting on its own, its status and log say why.
                 let exited = tokio::time::timeout(EXIT_GRACE, process::wait_exit(pid)).await;
@@ -294,23 +339,6 @@ impl VmmBackend for QemuBackend {
             }
         };
         let start_up = spawned.elapsed();
-        // The event monitor is up with the control one; without it (an
-        // error here) exits are classified from the status and console.
-        let events = match tokio::time::timeout(QMP_TIMEOUT, QmpClient::connect(&paths.events))
-            .await
-        {
-            Ok(Ok(client)) => EventSource::Connected(client),
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "no QEMU event monitor; exit reasons come from the console");
-                EventSource::None
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "the QEMU event monitor did not answer; exit reasons come from the console"
-                );
-                EventSource::None
-            }
-        };
         guard.disarm();
         tracing::info!(
             pid = pid.pid,
