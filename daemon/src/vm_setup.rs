@@ -106,10 +106,29 @@ pub fn agent_path(configured: &str) -> Option<PathBuf> {
     None
 }
 
-/// The host's first non-loopback nameserver.
+/// Where the host's resolvers are listed: `/etc/resolv.conf`, then
+/// systemd-resolved's list of its upstream servers (a host running
+/// resolved has only its loopback stub, 127.0.0.53, in the first, which a
+/// guest cannot reach), as Docker does.
+const RESOLV_FILES: [&str; 2] = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
+
+/// The host's first non-loopback IPv4 nameserver.
 pub fn host_resolver() -> Option<Ipv4Addr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
-    text.lines()
+    resolver_of(
+        RESOLV_FILES
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok()),
+    )
+}
+
+/// The first non-loopback nameserver of the first file that has one.
+fn resolver_of(files: impl IntoIterator<Item = String>) -> Option<Ipv4Addr> {
+    files.into_iter().find_map(|text| first_nameserver(&text))
+}
+
+fn first_nameserver(resolv_conf: &str) -> Option<Ipv4Addr> {
+    resolv_conf
+        .lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
         .find(|a| !a.is_loopback())
@@ -170,6 +189,27 @@ pub fn settings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resolver_behind_systemd_resolved_stub_is_used() {
+        let stub =
+            "# managed by resolved\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n";
+        let upstream = "nameserver 10.0.2.3\nnameserver 10.0.2.4\n";
+        assert_eq!(
+            resolver_of([stub.to_string(), upstream.to_string()]),
+            Some(Ipv4Addr::new(10, 0, 2, 3))
+        );
+        // A plain resolv.conf wins; loopback-only everywhere gives none.
+        assert_eq!(
+            resolver_of([
+                "nameserver ::1\nnameserver 192.0.2.1\n".to_string(),
+                upstream.to_string()
+            ]),
+            Some(Ipv4Addr::new(192, 0, 2, 1))
+        );
+        assert_eq!(resolver_of([stub.to_string()]), None);
+        assert_eq!(resolver_of(Vec::new()), None);
+    }
 
     #[test]
     fn static_detection() {
