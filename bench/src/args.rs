@@ -107,6 +107,9 @@ pub struct NetArgs {
     /// The load generator's paced rate (the target run), queries/s in all.
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
     pub dns_rate: u32,
+    /// The paced load generator wakes this often (µs) to send what is due.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=10_000))]
+    pub dns_tick_us: u32,
     /// Queries the load generator keeps outstanding in its unpaced run.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub dns_window: u32,

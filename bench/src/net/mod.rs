@@ -211,6 +211,7 @@ async fn dns_runs(
             records: records.clone(),
             rate,
             window: args.dns_window as usize,
+            tick: Duration::from_micros(args.dns_tick_us.into()),
             warmup: Duration::from_secs(args.dns_warmup_secs.into()),
             duration: Duration::from_secs(args.dns_secs.into()),
             timeout: LOADGEN_TIMEOUT,
@@ -517,11 +518,13 @@ pub fn render(report: &Report) -> String {
     let _ = writeln!(
         out,
         "\nDNS: bangerd's vm. server on {}, {} records; A queries for each in turn over UDP. \
-         loadgen: one thread, {} source addresses, {} s timed after {} s warm-up, lost after {}; \
+         loadgen: one thread, {} source addresses, paced in {} µs steps, {} s timed after {} s \
+         warm-up, lost after {}; \
          dnsperf -l {} -q 100 -t 1 for comparison\n",
         report.dns_addr,
         a.dns_records,
         a.dns_sources,
+        a.dns_tick_us,
         a.dns_secs,
         a.dns_warmup_secs,
         fmt_duration(LOADGEN_TIMEOUT),
