@@ -475,12 +475,13 @@ impl<'a> Gen<'a> {
             self.out.observed_cpu = Some(b.since(&a).total());
         }
         // The timed window: nominal, or the actual span of the counted
-        // sends if the generator fell behind (so lag lowers the rate).
+        // sends if the generator fell behind by more than one step (so lag
+        // lowers the rate; a send up to one step after its due time is
+        // the pacing, not a lag).
         let actual = match (first_counted_sent, rate) {
             (Some(first), Some(r)) => {
-                let counted = end_k - first_counted;
                 // The span the sends took, plus one interval for the last.
-                (last_counted_sent - first) + 1_000_000_000 / r.max(1) * i64::from(counted > 0)
+                (last_counted_sent - first) + 1_000_000_000 / r.max(1) - ns(cfg.tick)
             }
             (Some(first), None) => last_counted_sent - first,
             _ => 0,
