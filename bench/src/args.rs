@@ -98,13 +98,29 @@ pub struct NetArgs {
     /// Untimed cycles before the timed ones.
     #[arg(long, default_value_t = 20)]
     pub warmup: u32,
-    /// How long each dnsperf run lasts, in seconds.
+    /// How long each DNS run lasts (timed part), in seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
     pub dns_secs: u32,
+    /// Untimed seconds of load before each load-generator run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=60))]
+    pub dns_warmup_secs: u32,
+    /// The load generator's paced rate (the target run), queries/s in all.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
+    pub dns_rate: u32,
+    /// The paced load generator wakes this often (µs) to send what is due.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=10_000))]
+    pub dns_tick_us: u32,
+    /// Queries the load generator keeps outstanding in its unpaced run.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub dns_window: u32,
+    /// Skip the dnsperf comparison runs.
+    #[arg(long)]
+    pub no_dnsperf: bool,
     /// DNS records the daemon holds (the queries ask for each in turn).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub dns_records: u32,
-    /// Source addresses (127.0.0.2, ...) of the multi-client dnsperf run.
+    /// Source addresses (127.0.0.2, ...) of the load generator and of the
+    /// multi-client dnsperf runs.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=200))]
     pub dns_sources: u32,
     #[command(flatten)]

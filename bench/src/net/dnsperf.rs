@@ -49,8 +49,6 @@ pub struct Run {
     /// Answered queries per second, all processes together.
     pub qps: f64,
     pub latency: Option<Summary>,
-    /// The rate each process was held to (`-Q`), if any.
-    pub paced: Option<u32>,
 }
 
 /// The query file: every record, type A.
@@ -107,7 +105,6 @@ pub async fn run(
         noerror,
         qps,
         latency: Summary::of(&latencies),
-        paced,
     })
 }
 

@@ -5,22 +5,25 @@
 //!   and cold (`pool_size = 0`, a TAP created for every acquire). Each
 //!   daemon runs in a network namespace of its own, so this needs root;
 //!   nothing is created on the host.
-//! - DNS (see [`dnsperf`]): `dnsperf` for `--dns-secs` against the daemon's
-//!   `vm.` server on loopback, holding `--dns-records` records: from one
-//!   client address (as a resolver would ask) as fast as it goes, from the
-//!   same address paced at [`PACED_QPS`], and from `--dns-sources`
-//!   addresses at once (127.0.0.2, ...), first as fast as they go, then
-//!   paced to 50 000 queries/s in all. Targets: >= 50 000 answered
-//!   queries/s and p99 < 1 ms (the one-address paced run: p99 only); the
-//!   last run is the two together. The server limits
-//!   each client address
-//!   ([`dnsperf::CLIENT_RATE_QPS`]); a run held back by that limit is
-//!   reported as throttled, the server is not changed for the benchmark.
+//! - DNS: a daemon holding `--dns-records` records (`bench-000.vm`, ...),
+//!   its `vm.` server on loopback asked for them, type A:
+//!   - the load generator ([`loadgen`]): one thread, `--dns-sources`
+//!     addresses (127.0.0.2, ...), paced at `--dns-rate` (50 000 q/s): the
+//!     target run, >= [`DNS_QPS_TARGET`] correct answers/s with p99 <
+//!     [`DNS_P99_TARGET`] and nothing lost; then unpaced with
+//!     `--dns-window` queries outstanding from at least [`UNPACED_SOURCES`]
+//!     addresses, for the server's capacity;
+//!   - for comparison, `dnsperf` ([`dnsperf`], if installed and not
+//!     `--no-dnsperf`): one client address as fast as it goes (held back
+//!     by the server's per-client token bucket, [`CLIENT_RATE_QPS`]), the
+//!     same paced at [`PACED_QPS`], `--dns-sources` processes at once as
+//!     fast as they go, and those paced to `--dns-rate` in all.
 //!
 //! Daemons and namespaces are removed at the end, also on error and Ctrl-C
 //! (their `Drop`s).
 
 mod dnsperf;
+mod loadgen;
 mod taps;
 
 use std::fmt::Write as _;
@@ -58,7 +61,7 @@ pub struct Report {
     warm: Samples,
     cold: Samples,
     dns_addr: SocketAddr,
-    dns: Vec<Run>,
+    dns: Vec<DnsRun>,
     /// The TAP rows of the table.
     tap_rows: Vec<Row>,
     /// Every verdict, TAP and DNS, for `--fail-on-miss`.
@@ -121,9 +124,25 @@ fn tap_rows(warm: &Samples, cold: &Samples) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// A daemon with `--dns-records` records, then dnsperf from one address and
-/// from several.
-async fn measure_dns(args: &NetArgs) -> anyhow::Result<(SocketAddr, Vec<Run>, Stopped)> {
+/// One DNS run, from the load generator or dnsperf, as the table shows it.
+#[derive(Debug, Clone)]
+pub struct DnsRun {
+    what: String,
+    sent: u64,
+    answered: u64,
+    lost: u64,
+    /// Wrong answers (the generator's checks; dnsperf: not NOERROR).
+    errors: u64,
+    qps: f64,
+    latency: Option<Summary>,
+    /// The run the targets are judged on.
+    target: bool,
+    notes: Vec<String>,
+}
+
+/// A daemon with `--dns-records` records, then the load generator and
+/// dnsperf against it.
+async fn measure_dns(args: &NetArgs) -> anyhow::Result<(SocketAddr, Vec<DnsRun>, Stopped)> {
     let mut daemon = BenchDaemon::start()?;
     let measured = dns_runs(&daemon, args).await;
     let stopped = daemon.stop();
@@ -131,20 +150,25 @@ async fn measure_dns(args: &NetArgs) -> anyhow::Result<(SocketAddr, Vec<Run>, St
     Ok((addr, runs, stopped))
 }
 
-async fn dns_runs(daemon: &BenchDaemon, args: &NetArgs) -> anyhow::Result<(SocketAddr, Vec<Run>)> {
+async fn dns_runs(
+    daemon: &BenchDaemon,
+    args: &NetArgs,
+) -> anyhow::Result<(SocketAddr, Vec<DnsRun>)> {
     let harness = daemon.harness()?;
     let mut client = Client::connect(&harness.socket())
         .await
         .map_err(|e| anyhow!("cannot connect: {}", error_chain(&e)))?;
-    let names: Vec<String> = (0..args.dns_records)
-        .map(|i| format!("bench-{i:03}"))
+    let records: Vec<(String, Ipv4Addr)> = (0..args.dns_records)
+        .map(|i| {
+            let ip = Ipv4Addr::new(172, 30, (i / 250) as u8, (i % 250 + 2) as u8);
+            (format!("bench-{i:03}"), ip)
+        })
         .collect();
-    for (i, name) in names.iter().enumerate() {
-        let ip = Ipv4Addr::new(172, 30, (i / 250) as u8, (i % 250 + 2) as u8);
+    for (name, ip) in &records {
         match client
             .request(Request::DnsAdd {
                 name: name.clone(),
-                ip,
+                ip: *ip,
             })
             .await
         {
@@ -161,62 +185,192 @@ async fn dns_runs(daemon: &BenchDaemon, args: &NetArgs) -> anyhow::Result<(Socke
         Ok(other) => bail!("NetworkStatus answered {other:?}"),
         Err(e) => bail!("NetworkStatus failed: {}", error_chain(&e)),
     };
+    let SocketAddr::V4(addr4) = addr else {
+        bail!("the DNS server listens on {addr}, not IPv4");
+    };
+    let sources: Vec<Ipv4Addr> = (0..args.dns_sources)
+        .map(|i| Ipv4Addr::new(127, 0, 0, (i + 2) as u8))
+        .collect();
+    let last = sources.len() + 1;
+    let mut runs = Vec::new();
+
+    // The load generator: the target rate, then as fast as it goes (from
+    // more addresses, so that the per-client limit stays out of the way).
+    let unpaced_sources: Vec<Ipv4Addr> = (0..sources.len().max(UNPACED_SOURCES))
+        .map(|i| Ipv4Addr::new(127, 0, 0, (i + 2) as u8))
+        .collect();
+    for rate in [Some(args.dns_rate), None] {
+        let srcs = if rate.is_some() {
+            &sources
+        } else {
+            &unpaced_sources
+        };
+        let cfg = loadgen::Config {
+            server: addr4,
+            sources: srcs.clone(),
+            records: records.clone(),
+            rate,
+            window: args.dns_window as usize,
+            tick: Duration::from_micros(args.dns_tick_us.into()),
+            warmup: Duration::from_secs(args.dns_warmup_secs.into()),
+            duration: Duration::from_secs(args.dns_secs.into()),
+            timeout: LOADGEN_TIMEOUT,
+            observe: Some(daemon.pid()),
+        };
+        crate::note(format!(
+            "DNS load generator, {}, {} s (+{} s warm-up)",
+            match rate {
+                Some(r) => format!("{r} q/s"),
+                None => format!("unpaced, {} outstanding", args.dns_window),
+            },
+            args.dns_secs,
+            args.dns_warmup_secs
+        ));
+        let out = tokio::task::spawn_blocking(move || loadgen::run(&cfg))
+            .await
+            .map_err(|e| anyhow!("the load generator failed: {e}"))??;
+        let what = match rate {
+            Some(r) => format!(
+                "loadgen, {} sources (127.0.0.2-{last}), {r} q/s",
+                sources.len()
+            ),
+            None => format!(
+                "loadgen, {} sources (127.0.0.2-{}), unpaced, {} outstanding",
+                srcs.len(),
+                srcs.len() + 1,
+                args.dns_window
+            ),
+        };
+        runs.push(loadgen_run(what, rate.is_some(), &out));
+    }
+
+    if args.no_dnsperf {
+        return Ok((addr, runs));
+    }
+    if which_dnsperf().is_none() {
+        crate::note(
+            "dnsperf is not installed: no comparison runs (apt-get install -y dnsperf)".into(),
+        );
+        return Ok((addr, runs));
+    }
     let dir = tempfile::tempdir().context("temp dir")?;
     let queries = dir.path().join("queries.txt");
+    let names: Vec<String> = records.iter().map(|(n, _)| n.clone()).collect();
     std::fs::write(&queries, dnsperf::query_file(&names)).context("write the query file")?;
-
     let one = ["127.0.0.1".to_string()];
-    let many: Vec<String> = (0..args.dns_sources)
-        .map(|i| format!("127.0.0.{}", i + 2))
-        .collect();
-    let mut runs = Vec::new();
-    runs.push(
+    let many: Vec<String> = sources.iter().map(Ipv4Addr::to_string).collect();
+    let secs = args.dns_secs;
+    let mut perf = Vec::new();
+    crate::note("dnsperf comparison runs".into());
+    perf.push(
         dnsperf::run(
-            "1 client (127.0.0.1)",
+            "dnsperf, 1 client (127.0.0.1)",
             addr,
             &queries,
             &one,
-            args.dns_secs,
+            secs,
             None,
         )
         .await?,
     );
-    let paced = format!("1 client (127.0.0.1), {PACED_QPS} q/s");
-    runs.push(dnsperf::run(&paced, addr, &queries, &one, args.dns_secs, Some(PACED_QPS)).await?);
-    let what = format!("{} clients (127.0.0.2-{})", many.len(), many.len() + 1);
-    runs.push(dnsperf::run(&what, addr, &queries, &many, args.dns_secs, None).await?);
-    // The target as one run: the target rate, offered by all the sources
-    // together (a little over, as dnsperf holds each to its -Q), and the
-    // p99 of a server that keeps up with it, not of dnsperf's own queue.
-    let sources = many.len().max(1) as u32;
-    let per_source = (DNS_QPS_TARGET as u32).div_ceil(sources) + 50;
+    let paced = format!("dnsperf, 1 client (127.0.0.1), {PACED_QPS} q/s");
+    perf.push(dnsperf::run(&paced, addr, &queries, &one, secs, Some(PACED_QPS)).await?);
+    let what = format!("dnsperf, {} clients (127.0.0.2-{last})", many.len());
+    perf.push(dnsperf::run(&what, addr, &queries, &many, secs, None).await?);
+    // The target rate offered by all the sources together (a little over,
+    // as dnsperf holds each to its -Q).
+    let n = many.len().max(1) as u32;
+    let per_source = args.dns_rate.div_ceil(n) + 50;
     let what = format!(
-        "{} clients, {} q/s in all",
+        "dnsperf, {} clients, {} q/s in all",
         many.len(),
-        per_source * sources
+        per_source * n
     );
-    runs.push(
-        dnsperf::run(
-            &what,
-            addr,
-            &queries,
-            &many,
-            args.dns_secs,
-            Some(per_source),
-        )
-        .await?,
-    );
-    for run in &runs {
-        if run.noerror != run.completed {
-            bail!(
-                "{}: {} of {} answers were not NOERROR",
-                run.what,
-                run.completed - run.noerror,
-                run.completed
-            );
-        }
-    }
+    perf.push(dnsperf::run(&what, addr, &queries, &many, secs, Some(per_source)).await?);
+    runs.extend(perf.iter().map(|r| dnsperf_run(r, secs)));
     Ok((addr, runs))
+}
+
+/// Source addresses of the unpaced load-generator run at least: their
+/// token buckets together (10 000 q/s each) allow far more than the server
+/// answers.
+const UNPACED_SOURCES: usize = 32;
+
+/// How long the load generator waits for an answer before counting the
+/// query lost.
+const LOADGEN_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn which_dnsperf() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("dnsperf"))
+            .find(|p| p.is_file())
+    })
+}
+
+fn loadgen_run(what: String, target: bool, o: &loadgen::Outcome) -> DnsRun {
+    let mut notes = Vec::new();
+    let wall = o.wall.as_secs_f64().max(1e-9);
+    let pct = |d: Duration| 100.0 * d.as_secs_f64() / wall;
+    let mut cpu = format!("generator thread {:.0} % of a core", pct(o.own_cpu));
+    if let Some(d) = o.observed_cpu {
+        let _ = write!(cpu, ", bangerd {:.0} %", pct(d));
+    }
+    if target {
+        let _ = write!(
+            cpu,
+            "; sends at most {} behind the schedule",
+            fmt_duration(o.max_lag)
+        );
+    }
+    notes.push(cpu);
+    notes.push(format!(
+        "load average after the run: {}",
+        crate::load_average()
+    ));
+    if o.late > 0 {
+        notes.push(format!(
+            "{} answers came after their query was counted lost",
+            o.late
+        ));
+    }
+    if let Some(e) = &o.first_error {
+        notes.push(format!("first error: {e}"));
+    }
+    DnsRun {
+        what,
+        sent: o.sent,
+        answered: o.answered,
+        lost: o.lost,
+        errors: o.errors,
+        qps: o.qps,
+        latency: Summary::of(&o.latencies),
+        target,
+        notes,
+    }
+}
+
+fn dnsperf_run(run: &Run, secs: u32) -> DnsRun {
+    let mut notes = Vec::new();
+    if throttled(run, secs) {
+        notes.push(format!(
+            "throttled by the server's per-client token bucket ({CLIENT_RATE_QPS} q/s, burst \
+             {CLIENT_RATE_BURST} per source address; banger_dns::Limits::client_rate, not \
+             configurable in config.toml): {} queries dropped",
+            run.lost
+        ));
+    }
+    DnsRun {
+        what: run.what.clone(),
+        sent: run.sent,
+        answered: run.noerror,
+        lost: run.lost,
+        errors: run.completed - run.noerror.min(run.completed),
+        qps: run.qps,
+        latency: run.latency,
+        target: false,
+        notes,
+    }
 }
 
 /// Whether a run was held back by the per-client limit: queries were
@@ -227,38 +381,46 @@ fn throttled(run: &Run, secs: u32) -> bool {
     run.lost > 0 && run.qps / run.sources.max(1) as f64 <= allowed * 1.05
 }
 
-fn dns_verdicts(run: &Run) -> Vec<Row> {
-    let mut rows = Vec::new();
-    if run.paced.is_none() || run.sources > 1 {
-        rows.push(Row {
-            what: format!("DNS q/s / target, {}", run.what),
-            value: Value::Ratio(run.qps / DNS_QPS_TARGET),
-            target: Some(Target::RatioAtLeast(1.0)),
-        });
+/// Verdicts of the target run: the rate, the p99, and nothing lost or
+/// wrong.
+fn dns_verdicts(run: &DnsRun) -> Vec<Row> {
+    if !run.target {
+        return Vec::new();
     }
-    if let Some(latency) = run.latency {
-        rows.push(Row {
-            what: format!("DNS p99 / target, {}", run.what),
-            value: Value::Ratio(latency.p99.as_secs_f64() / DNS_P99_TARGET.as_secs_f64()),
-            target: Some(Target::RatioAtMost(1.0)),
-        });
-    }
+    let mut rows = vec![Row {
+        what: format!("DNS q/s / target, {}", run.what),
+        value: Value::Ratio(run.qps / DNS_QPS_TARGET),
+        target: Some(Target::RatioAtLeast(1.0)),
+    }];
+    rows.push(Row {
+        what: format!("DNS p99 / target, {}", run.what),
+        value: Value::Ratio(run.latency.map_or(f64::INFINITY, |l| {
+            l.p99.as_secs_f64() / DNS_P99_TARGET.as_secs_f64()
+        })),
+        target: Some(Target::RatioAtMost(1.0)),
+    });
+    rows.push(Row {
+        what: format!("DNS lost+wrong / sent, {}", run.what),
+        value: Value::Ratio((run.lost + run.errors) as f64 / run.sent.max(1) as f64),
+        target: Some(Target::RatioAtMost(0.0)),
+    });
     rows
 }
 
-fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
+fn met(run: &DnsRun) -> bool {
+    run.qps >= DNS_QPS_TARGET
+        && run.latency.is_some_and(|s| s.p99 < DNS_P99_TARGET)
+        && run.lost == 0
+        && run.errors == 0
+        && run.sent > 0
 }
 
-fn render_dns(runs: &[Run]) -> String {
+fn render_dns(runs: &[DnsRun]) -> String {
     let header = [
-        "what", "sent", "answered", "lost", "q/s", "median", "p99", "max", "target", "result",
+        "what", "sent", "answered", "lost", "errors", "q/s", "median", "p99", "max", "target",
+        "result",
     ];
-    let lines: Vec<[String; 10]> = runs
+    let lines: Vec<[String; 11]> = runs
         .iter()
         .map(|r| {
             let (median, p99, max) = match r.latency {
@@ -269,28 +431,29 @@ fn render_dns(runs: &[Run]) -> String {
                 ),
                 None => Default::default(),
             };
-            let latency_ok = r.latency.is_some_and(|s| s.p99 < DNS_P99_TARGET);
-            let p99_target = format!("p99 < {}", fmt_duration(DNS_P99_TARGET));
-            let (ok, target) = match r.paced {
-                // One paced source, under the limit: only the latency has
-                // a target.
-                Some(_) if r.sources <= 1 => (latency_ok, p99_target),
-                _ => (
-                    r.qps >= DNS_QPS_TARGET && latency_ok,
-                    format!(">= {DNS_QPS_TARGET:.0} q/s, {p99_target}"),
-                ),
+            let (target, result) = if r.target {
+                (
+                    format!(
+                        ">= {DNS_QPS_TARGET:.0} q/s, p99 < {}, none lost",
+                        fmt_duration(DNS_P99_TARGET)
+                    ),
+                    if met(r) { "PASS" } else { "MISS" },
+                )
+            } else {
+                ("(comparison)".to_string(), "-")
             };
             [
                 r.what.clone(),
                 r.sent.to_string(),
-                r.completed.to_string(),
+                r.answered.to_string(),
                 r.lost.to_string(),
+                r.errors.to_string(),
                 format!("{:.0}", r.qps),
                 median,
                 p99,
                 max,
                 target,
-                pass(ok).to_string(),
+                result.to_string(),
             ]
         })
         .collect();
@@ -305,7 +468,7 @@ fn render_dns(runs: &[Run]) -> String {
         let mut text = String::new();
         for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
             let _ = match i {
-                0 | 8 | 9 => write!(text, "{cell:<w$}  "),
+                0 | 9 | 10 => write!(text, "{cell:<w$}  "),
                 _ => write!(text, "{cell:>w$}  "),
             };
         }
@@ -313,6 +476,10 @@ fn render_dns(runs: &[Run]) -> String {
         out.push('\n');
     }
     out
+}
+
+fn note_says_throttled(run: &DnsRun) -> bool {
+    run.notes.iter().any(|n| n.starts_with("throttled"))
 }
 
 fn tap_notes(out: &mut String, label: &str, s: &Samples, expected: &str) {
@@ -350,21 +517,25 @@ pub fn render(report: &Report) -> String {
     tap_notes(&mut out, "cold", &report.cold, "created on demand");
     let _ = writeln!(
         out,
-        "\nDNS: dnsperf -l {} -q 100 -t 1 over UDP against bangerd's vm. server on {}, {} records, \
-         A queries for each in turn; latencies of the answered queries\n",
-        a.dns_secs, report.dns_addr, a.dns_records
+        "\nDNS: bangerd's vm. server on {}, {} records; A queries for each in turn over UDP. \
+         loadgen: one thread, {} source addresses, paced in {} µs steps, {} s timed after {} s \
+         warm-up, lost after {}; \
+         dnsperf -l {} -q 100 -t 1 for comparison\n",
+        report.dns_addr,
+        a.dns_records,
+        a.dns_sources,
+        a.dns_tick_us,
+        a.dns_secs,
+        a.dns_warmup_secs,
+        fmt_duration(LOADGEN_TIMEOUT),
+        a.dns_secs,
     );
     out.push_str(&render_dns(&report.dns));
     for run in &report.dns {
-        if throttled(run, a.dns_secs) {
-            let _ = writeln!(
-                out,
-                "note: {}: throttled by the server's per-client token bucket ({} q/s, burst {} \
-                 per source address; banger_dns::Limits::client_rate, not configurable in \
-                 config.toml): {} queries dropped",
-                run.what, CLIENT_RATE_QPS, CLIENT_RATE_BURST, run.lost
-            );
-        } else if run.lost > 0 {
+        for note in &run.notes {
+            let _ = writeln!(out, "note: {}: {note}", run.what);
+        }
+        if run.lost > 0 && !note_says_throttled(run) {
             let _ = writeln!(out, "note: {}: {} queries lost", run.what, run.lost);
         }
     }
