@@ -196,15 +196,23 @@ impl VmsState {
             name: name.to_string(),
             settings: self.settings.clone(),
             store_timeout: self.store_timeout,
+            fresh: false,
         }
     }
 
+    /// Starts the supervisor of `name`; `fresh` for a record a create has
+    /// just made (see [`VmArgs::fresh`]).
     async fn spawn_vm(
         &mut self,
         myself: &ActorRef<VmsMsg>,
         name: &str,
+        fresh: bool,
     ) -> Result<ActorRef<VmMsg>, ErrorData> {
-        let actor = spawn_supervisor(myself, self.vm_args(name)).await?;
+        let args = VmArgs {
+            fresh,
+            ..self.vm_args(name)
+        };
+        let actor = spawn_supervisor(myself, args).await?;
         self.adopt_child(name, actor.clone(), false);
         Ok(actor)
     }
@@ -523,7 +531,7 @@ impl Actor for VmManager {
         sweep_orphans(&state.settings, &kept).await;
         let names: Vec<String> = state.infos.keys().cloned().collect();
         for name in names {
-            match state.spawn_vm(&myself, &name).await {
+            match state.spawn_vm(&myself, &name, false).await {
                 Ok(actor) => {
                     // Its view after recovery, so that `vm list` never shows
                     // the stale state of the record.
@@ -658,7 +666,7 @@ impl Actor for VmManager {
                     Ok(rec) => {
                         state.infos.insert(name.clone(), rec.info(&state.settings));
                         state.lives.remove(&name);
-                        match state.spawn_vm(&myself, &name).await {
+                        match state.spawn_vm(&myself, &name, true).await {
                             Ok(actor) => Ok(actor),
                             Err(e) => {
                                 state.infos.remove(&name);

@@ -94,6 +94,10 @@ pub struct VmArgs {
     pub name: String,
     pub settings: VmSettings,
     pub store_timeout: Duration,
+    /// The record was just made by a create (a new id, never launched):
+    /// there is nothing of it on the host to recover, so the scan of
+    /// every process for its run dir is skipped.
+    pub fresh: bool,
 }
 
 /// Aborts a task when dropped (also when the actor is killed).
@@ -428,7 +432,11 @@ impl Actor for VmSupervisor {
             stop_waiters: Vec::new(),
         };
         let stored = state.rec.clone();
-        state.handle = super::recover::recover(&mut state.rec, &state.settings).await;
+        let fresh =
+            args.fresh && state.rec.state == VmState::Created && state.rec.process.is_none();
+        if !fresh {
+            state.handle = super::recover::recover(&mut state.rec, &state.settings).await;
+        }
         if state.rec.state == VmState::Crashed && state.rec.restart == RestartPolicy::No {
             state.rec.state = VmState::Stopped;
         }
