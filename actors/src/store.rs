@@ -374,6 +374,41 @@ impl StoreClient {
         .await?
     }
 
+    /// Sends a put at once and returns the wait for its answer. The write
+    /// is queued in the Store's mailbox before anything the caller sends
+    /// after this returns (a later delete of the same key cannot overtake
+    /// it), while the caller's own mailbox need not wait for the disk.
+    pub fn put_sent<T: Serialize>(
+        &self,
+        tree: &str,
+        key: &[u8],
+        value: &T,
+    ) -> impl std::future::Future<Output = Result<(), ErrorData>> + Send + 'static {
+        let sent = encode_record(value).and_then(|value| {
+            let actor = crate::ask::lookup::<StoreMsg>(names::STORE)?;
+            let (tx, rx) = ractor::concurrency::oneshot();
+            actor
+                .cast(put_msg(tree, key, value, tx.into()))
+                .map_err(|_| stopped())?;
+            Ok(rx)
+        });
+        let timeout = self.timeout;
+        async move {
+            match tokio::time::timeout(timeout, sent?).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(stopped()),
+                Err(_) => Err(ErrorData::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "the store actor did not answer within {}s",
+                        timeout.as_secs_f32()
+                    ),
+                )
+                .with_hint("see `banger daemon logs`; the request can be retried")),
+            }
+        }
+    }
+
     pub async fn put_raw(&self, tree: &str, key: &[u8], value: Vec<u8>) -> Result<(), ErrorData> {
         ask(
             names::STORE,
@@ -467,6 +502,14 @@ impl StoreClient {
         )
         .await?
     }
+}
+
+fn stopped() -> ErrorData {
+    ErrorData::new(
+        ErrorKind::Unavailable,
+        "the store actor stopped before answering",
+    )
+    .with_hint("its supervisor restarts it within moments; retry the command")
 }
 
 pub fn encode_record<T: Serialize>(value: &T) -> Result<Vec<u8>, ErrorData> {

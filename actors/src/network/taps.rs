@@ -77,6 +77,16 @@ pub enum TapsMsg {
     Deleted {
         tap: String,
     },
+    /// A warm TAP's hand-out could not be recorded: back to the pool.
+    Unacquired {
+        tap: String,
+        owner: String,
+    },
+    /// A lease could not be recorded: the address is free again.
+    LeaseFailed {
+        ip: Ipv4Addr,
+        owner: String,
+    },
 }
 
 /// What `network status` shows of the TapPool.
@@ -208,9 +218,7 @@ impl Actor for TapPool {
             TapsMsg::Release { tap, reply } => {
                 let _ = reply.send(release(&myself, state, &tap).await);
             }
-            TapsMsg::Reserve { owner, ip, reply } => {
-                let _ = reply.send(reserve(state, owner, ip).await);
-            }
+            TapsMsg::Reserve { owner, ip, reply } => reserve(&myself, state, owner, ip, reply),
             TapsMsg::Unreserve { owner, reply } => {
                 let lease = state.leases.values().find(|l| l.owner == owner).cloned();
                 let res = match lease {
@@ -235,6 +243,17 @@ impl Actor for TapPool {
             }
             TapsMsg::Deleted { tap } => {
                 state.deleting.remove(&tap);
+            }
+            TapsMsg::Unacquired { tap, owner } => {
+                if state.in_use.get(&tap) == Some(&owner) {
+                    state.in_use.remove(&tap);
+                    state.warm.push_front(tap);
+                }
+            }
+            TapsMsg::LeaseFailed { ip, owner } => {
+                if state.leases.get(&ip).is_some_and(|l| l.owner == owner) {
+                    state.leases.remove(&ip);
+                }
             }
             TapsMsg::Refilled { created, failed } => {
                 for tap in created {
@@ -406,21 +425,25 @@ async fn acquire(
         }
     }
     if let Some(tap) = state.warm.pop_front() {
-        let res = state
-            .store
-            .put(TAPS, tap.as_bytes(), &owner)
-            .await
-            .map(|_| {
-                state.in_use.insert(tap.clone(), owner);
-                Acquired {
-                    tap: tap.clone(),
+        // Handed out now; the record is written beside this mailbox (sent
+        // now, so a later release's delete cannot overtake it), and the
+        // answer waits for it. Parallel acquires share their flushes.
+        state.in_use.insert(tap.clone(), owner.clone());
+        let written = state.store.put_sent(TAPS, tap.as_bytes(), &owner);
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let res = match written.await {
+                Ok(()) => Ok(Acquired {
+                    tap,
                     from_pool: true,
+                }),
+                Err(e) => {
+                    let _ = me.cast(TapsMsg::Unacquired { tap, owner });
+                    Err(e)
                 }
-            });
-        if res.is_err() {
-            state.warm.push_front(tap);
-        }
-        let _ = reply.send(res);
+            };
+            let _ = reply.send(res);
+        });
         refill(myself, state);
         return;
     }
@@ -506,11 +529,45 @@ async fn release(
     Ok(())
 }
 
-async fn reserve(
+/// Reserves an address for `owner`: taken at once (no other reservation
+/// can get it), recorded beside this mailbox, answered once recorded.
+fn reserve(
+    myself: &ActorRef<TapsMsg>,
     state: &mut TapsState,
     owner: String,
     ip: Option<Ipv4Addr>,
-) -> Result<Lease, ErrorData> {
+    reply: RpcReplyPort<Result<Lease, ErrorData>>,
+) {
+    let lease = match new_lease(state, owner, ip) {
+        Ok(lease) => lease,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
+        }
+    };
+    state.leases.insert(lease.ip, lease.clone());
+    let written = state.store.put_sent(LEASES, &lease.ip.octets(), &lease);
+    let me = myself.clone();
+    tokio::spawn(async move {
+        let res = match written.await {
+            Ok(()) => {
+                info!(ip = %lease.ip, owner = %lease.owner, "lease reserved");
+                Ok(lease)
+            }
+            Err(e) => {
+                let _ = me.cast(TapsMsg::LeaseFailed {
+                    ip: lease.ip,
+                    owner: lease.owner,
+                });
+                Err(e)
+            }
+        };
+        let _ = reply.send(res);
+    });
+}
+
+/// The lease `owner` gets, checked against the ones held.
+fn new_lease(state: &TapsState, owner: String, ip: Option<Ipv4Addr>) -> Result<Lease, ErrorData> {
     if owner.is_empty() {
         return Err(ErrorData::new(
             ErrorKind::InvalidRequest,
@@ -545,16 +602,12 @@ async fn reserve(
                 .with_hint("delete unused VMs or leases, or use a larger subnet")
         })?,
     };
-    let lease = Lease {
+    Ok(Lease {
         ip: addr,
         owner,
         static_ip: ip.is_some(),
         created_unix_ms: unix_ms(),
-    };
-    state.store.put(LEASES, &addr.octets(), &lease).await?;
-    state.leases.insert(addr, lease.clone());
-    info!(ip = %addr, owner = %lease.owner, "lease reserved");
-    Ok(lease)
+    })
 }
 
 async fn status(state: &TapsState) -> TapsStatus {
