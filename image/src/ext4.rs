@@ -77,6 +77,16 @@ pub enum Edit {
         mode: u32,
         owner: (u32, u32),
     },
+    /// A new regular file with the contents of the host file `source`,
+    /// which debugfs reads itself (no copy: the guest agent is tens of
+    /// MB). Otherwise as [`Edit::Write`].
+    WriteFrom {
+        path: PathBuf,
+        source: PathBuf,
+        /// Permission bits.
+        mode: u32,
+        owner: (u32, u32),
+    },
     /// A new symlink.
     Symlink {
         path: PathBuf,
@@ -97,6 +107,7 @@ impl Edit {
         match self {
             Edit::Mkdir { path, .. }
             | Edit::Write { path, .. }
+            | Edit::WriteFrom { path, .. }
             | Edit::Symlink { path, .. }
             | Edit::Remove { path }
             | Edit::SetMode { path, .. }
@@ -116,6 +127,7 @@ impl Edit {
         match &mut edit {
             Edit::Mkdir { path: p, .. }
             | Edit::Write { path: p, .. }
+            | Edit::WriteFrom { path: p, .. }
             | Edit::Symlink { path: p, .. }
             | Edit::Remove { path: p }
             | Edit::SetMode { path: p, .. }
@@ -137,6 +149,12 @@ impl Edit {
                 u.files = 1;
                 u.apparent_bytes = contents.len() as u64;
                 u.data_blocks = (contents.len() as u64).div_ceil(4096);
+            }
+            Edit::WriteFrom { source, .. } => {
+                let len = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
+                u.files = 1;
+                u.apparent_bytes = len;
+                u.data_blocks = len.div_ceil(4096);
             }
             Edit::Symlink { target, .. } => {
                 u.symlinks = 1;

@@ -209,6 +209,8 @@ trait Target {
     fn remove_file(&mut self, path: &str) -> std::io::Result<()>;
     /// Creates a new file (nothing may be at `path`) with exactly `mode`.
     fn create_file(&mut self, path: &str, contents: &[u8], mode: u32) -> std::io::Result<()>;
+    /// [`Self::create_file`] with the contents of the host file `source`.
+    fn copy_file(&mut self, path: &str, source: &Path, mode: u32) -> std::io::Result<()>;
     /// Sets the permission bits (a final symlink followed).
     fn set_mode(&mut self, path: &str, mode: u32) -> std::io::Result<()>;
     /// Gives `path` to root:root when bangerd runs as root.
@@ -265,6 +267,11 @@ impl Target for HostTree {
         self.0.set_permissions(path, Permissions::from_mode(mode))
     }
 
+    fn copy_file(&mut self, path: &str, source: &Path, mode: u32) -> std::io::Result<()> {
+        let bytes = std::fs::read(source)?;
+        self.create_file(path, &bytes, mode)
+    }
+
     fn set_mode(&mut self, path: &str, mode: u32) -> std::io::Result<()> {
         self.0.set_permissions(path, Permissions::from_mode(mode))
     }
@@ -298,6 +305,8 @@ impl Target for HostTree {
 enum Planned {
     Dir,
     File(Vec<u8>),
+    /// A file with the contents of this host file.
+    Copy(PathBuf),
     Symlink,
     Gone,
 }
@@ -396,7 +405,7 @@ impl PlanTree {
         match self.planned.get(resolved) {
             Some(Planned::Gone) => None,
             Some(Planned::Dir) => Some(Kind::Dir),
-            Some(Planned::File(_)) => Some(Kind::File),
+            Some(Planned::File(_)) | Some(Planned::Copy(_)) => Some(Kind::File),
             Some(Planned::Symlink) => Some(Kind::Symlink),
             None => self
                 .base
@@ -432,6 +441,7 @@ impl Target for PlanTree {
         let resolved = self.resolve(path)?;
         match self.planned.get(&resolved) {
             Some(Planned::File(bytes)) => Ok(String::from_utf8_lossy(bytes).into_owned()),
+            Some(Planned::Copy(source)) => std::fs::read_to_string(source),
             Some(Planned::Gone) | Some(Planned::Dir) => Err(not_found(path)),
             Some(Planned::Symlink) => Err(std::io::Error::other(format!(
                 "/{path} is a symlink banger made"
@@ -461,7 +471,7 @@ impl Target for PlanTree {
         for (p, what) in &self.planned {
             if let Some(name) = p.strip_prefix(&prefix) {
                 if !name.contains('/')
-                    && matches!(what, Planned::File(_) | Planned::Symlink)
+                    && matches!(what, Planned::File(_) | Planned::Copy(_) | Planned::Symlink)
                     && !names.iter().any(|n| n == name)
                 {
                     names.push(name.to_string());
@@ -535,6 +545,34 @@ impl Target for PlanTree {
         });
         self.planned
             .insert(resolved, Planned::File(contents.to_vec()));
+        Ok(())
+    }
+
+    fn copy_file(&mut self, path: &str, source: &Path, mode: u32) -> std::io::Result<()> {
+        let resolved = self.resolve(path)?;
+        if self.kind_resolved(&resolved).is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("/{path} exists"),
+            ));
+        }
+        if !self.parent_is_dir(&resolved) {
+            return Err(not_found(path));
+        }
+        if !std::fs::metadata(source)?.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a file",
+                source.display()
+            )));
+        }
+        self.edits.push(Edit::WriteFrom {
+            path: image_path(&resolved),
+            source: source.to_path_buf(),
+            mode: mode & 0o7777,
+            owner: self.owner,
+        });
+        self.planned
+            .insert(resolved, Planned::Copy(source.to_path_buf()));
         Ok(())
     }
 
@@ -621,6 +659,25 @@ fn write_file(
     contents: &[u8],
     mode: u32,
 ) -> Result<(), ErrorData> {
+    make_room(root, path)?;
+    root.create_file(path, contents, mode)
+        .map_err(internal(format!("writing /{path} in the image")))
+}
+
+/// [`write_file`] with the contents of the host file `source`.
+fn copy_file(
+    root: &mut impl Target,
+    path: &str,
+    source: &Path,
+    mode: u32,
+) -> Result<(), ErrorData> {
+    make_room(root, path)?;
+    root.copy_file(path, source, mode)
+        .map_err(internal(format!("writing /{path} in the image")))
+}
+
+/// Removes the file or symlink at `path`; a directory there is an error.
+fn make_room(root: &mut impl Target, path: &str) -> Result<(), ErrorData> {
     if let Some(kind) = root.kind(path) {
         if kind == Kind::Dir {
             return Err(ErrorData::new(
@@ -631,8 +688,7 @@ fn write_file(
         root.remove_file(path)
             .map_err(internal(format!("replacing /{path} in the image")))?;
     }
-    root.create_file(path, contents, mode)
-        .map_err(internal(format!("writing /{path} in the image")))
+    Ok(())
 }
 
 /// Makes `unit` wanted by `target` (what `systemctl enable` does).
@@ -719,12 +775,13 @@ pub const WORK_FSTAB: &str =
     "LABEL=banger-work /root ext4 defaults,nofail,x-systemd.device-timeout=3min 0 2\n";
 
 fn install_agent(root: &mut impl Target, agent: &Path, facts: &TreeFacts) -> Result<(), ErrorData> {
-    let bytes = std::fs::read(agent).map_err(internal(format!(
+    // Checked first, as it was read first: a missing agent fails the same.
+    std::fs::File::open(agent).map_err(internal(format!(
         "reading the guest agent {}",
         agent.display()
     )))?;
     ensure_dir(root, "usr/local/bin", 0o755)?;
-    write_file(root, AGENT_PATH, &bytes, 0o755)?;
+    copy_file(root, AGENT_PATH, agent, 0o755)?;
     root.chown_root(AGENT_PATH)?;
     if facts.has_systemd {
         ensure_dir(root, "etc/systemd/system/sysinit.target.wants", 0o755)?;

@@ -166,20 +166,23 @@ pub(crate) fn render_edits(
                 lines.push(mode_line(0o040000 | (mode & 0o7777)));
                 owner_lines(&mut lines, *owner);
             }
-            Edit::Write {
-                contents,
-                mode,
-                owner,
-                ..
-            } => {
+            Edit::Write { mode, owner, .. } | Edit::WriteFrom { mode, owner, .. } => {
                 let parent = path.parent().ok_or_else(bad)?;
                 let name = path.file_name().ok_or_else(bad)?;
                 let dir = quote(parent.as_os_str().as_bytes()).ok_or_else(bad)?;
                 let name = quote(name.as_bytes()).ok_or_else(bad)?;
-                let file = format!("v{}", script.values.len());
-                let value_path = value_dir.join(&file);
-                let vp = quote(value_path.as_os_str().as_bytes()).ok_or_else(bad)?;
-                script.values.push((file, contents.clone()));
+                let vp = match edit {
+                    Edit::WriteFrom { source, .. } => {
+                        quote(source.as_os_str().as_bytes()).ok_or_else(bad)?
+                    }
+                    Edit::Write { contents, .. } => {
+                        let file = format!("v{}", script.values.len());
+                        let value_path = value_dir.join(&file);
+                        script.values.push((file, contents.clone()));
+                        quote(value_path.as_os_str().as_bytes()).ok_or_else(bad)?
+                    }
+                    _ => unreachable!("matched above"),
+                };
                 lines.push(vec![b"cd".to_vec(), dir]);
                 lines.push(vec![b"write".to_vec(), vp, name]);
                 lines.push(vec![b"cd".to_vec(), b"/".to_vec()]);
@@ -335,6 +338,24 @@ mod tests {
              sif \"/tmp\" mode 041777\n"
         );
         assert_eq!(s.values, vec![("v0".to_owned(), b"img\n".to_vec())]);
+        // A file debugfs reads itself: no value file.
+        let copy = [Edit::WriteFrom {
+            path: PathBuf::from("/usr/local/bin/agent"),
+            source: PathBuf::from("/opt/banger/agent"),
+            mode: 0o755,
+            owner: (0, 0),
+        }];
+        let mut s = Script::default();
+        render_edits(&mut s, &copy, Path::new("/w")).expect("renders");
+        let text = String::from_utf8(s.text).expect("utf8");
+        assert!(
+            text.starts_with(
+                "cd \"/usr/local/bin\"\nwrite \"/opt/banger/agent\" \"agent\"\ncd /\n\
+                 sif \"/usr/local/bin/agent\" mode 0100755\n"
+            ),
+            "{text}"
+        );
+        assert!(s.values.is_empty());
         let relative = [Edit::Remove {
             path: PathBuf::from("etc/x"),
         }];
