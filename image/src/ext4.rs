@@ -7,7 +7,10 @@
 //! setgid and other modes (`sif mode`), owners (`sif uid`/`gid`), and xattrs
 //! the host refused (`ea_set`). The `ImageRegistry` actor calls
 //! [`build_rootfs`] after [`crate::unpack`]; the work-seed path calls
-//! [`build_from_dir`].
+//! [`build_from_dir`]. A warm pull calls [`build_rootfs_from`] on the tree
+//! cache's tree (only read) with banger's injection as [`Edit`]s, which the
+//! same debugfs run makes after the fixups, and [`build_from_dir_with`]
+//! for its work seed.
 //!
 //! # API
 //!
@@ -49,6 +52,118 @@ const GIB: u64 = 1 << 30;
 pub fn default_size(tree_bytes: u64) -> u64 {
     let scaled = tree_bytes.saturating_add(tree_bytes.div_ceil(4));
     scaled.max(GIB).div_ceil(MIB).saturating_mul(MIB)
+}
+
+/// A change made inside a built image with `debugfs`, after `mkfs.ext4
+/// -d` and the fixups: how banger's own files get into an image built
+/// straight from a cached tree, which must not be changed (see
+/// [`build_rootfs_from`]). Paths are absolute paths inside the image; every
+/// directory on the way must be a real directory (not a symlink: debugfs
+/// does not follow the last component of a parent path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    /// A new directory (its parent exists, nothing is at `path`).
+    Mkdir {
+        path: PathBuf,
+        /// Permission bits.
+        mode: u32,
+        owner: (u32, u32),
+    },
+    /// A new regular file (nothing is at `path`: [`Edit::Remove`] first).
+    Write {
+        path: PathBuf,
+        contents: Vec<u8>,
+        /// Permission bits.
+        mode: u32,
+        owner: (u32, u32),
+    },
+    /// A new regular file with the contents of the host file `source`,
+    /// which debugfs reads itself (no copy: the guest agent is tens of
+    /// MB). Otherwise as [`Edit::Write`].
+    WriteFrom {
+        path: PathBuf,
+        source: PathBuf,
+        /// Permission bits.
+        mode: u32,
+        owner: (u32, u32),
+    },
+    /// A new symlink.
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+        owner: (u32, u32),
+    },
+    /// Removes a non-directory (one link of it).
+    Remove { path: PathBuf },
+    /// Sets the full `st_mode` (type bits included).
+    SetMode { path: PathBuf, mode: u32 },
+    /// Sets the owner.
+    SetOwner { path: PathBuf, owner: (u32, u32) },
+}
+
+impl Edit {
+    /// The path the edit is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Edit::Mkdir { path, .. }
+            | Edit::Write { path, .. }
+            | Edit::WriteFrom { path, .. }
+            | Edit::Symlink { path, .. }
+            | Edit::Remove { path }
+            | Edit::SetMode { path, .. }
+            | Edit::SetOwner { path, .. } => path,
+        }
+    }
+
+    /// The same edit with `prefix` taken off its path (`None` when the
+    /// path is not below `prefix`): for the work seed, an image of `/root`.
+    pub fn rebased(&self, prefix: &Path) -> Option<Edit> {
+        let rest = self.path().strip_prefix(prefix).ok()?;
+        if rest.as_os_str().is_empty() {
+            return None;
+        }
+        let path = Path::new("/").join(rest);
+        let mut edit = self.clone();
+        match &mut edit {
+            Edit::Mkdir { path: p, .. }
+            | Edit::Write { path: p, .. }
+            | Edit::WriteFrom { path: p, .. }
+            | Edit::Symlink { path: p, .. }
+            | Edit::Remove { path: p }
+            | Edit::SetMode { path: p, .. }
+            | Edit::SetOwner { path: p, .. } => *p = path,
+        }
+        Some(edit)
+    }
+
+    /// What the edit adds to a tree's [`TreeUsage`] (removals are not
+    /// subtracted: an estimate that errs on the large side).
+    pub fn usage(&self) -> TreeUsage {
+        let mut u = TreeUsage::default();
+        match self {
+            Edit::Mkdir { .. } => {
+                u.dirs = 1;
+                u.data_blocks = 1;
+            }
+            Edit::Write { contents, .. } => {
+                u.files = 1;
+                u.apparent_bytes = contents.len() as u64;
+                u.data_blocks = (contents.len() as u64).div_ceil(4096);
+            }
+            Edit::WriteFrom { source, .. } => {
+                let len = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
+                u.files = 1;
+                u.apparent_bytes = len;
+                u.data_blocks = len.div_ceil(4096);
+            }
+            Edit::Symlink { target, .. } => {
+                u.symlinks = 1;
+                u.data_blocks = u64::from(target.as_os_str().len() >= 60);
+            }
+            _ => {}
+        }
+        u
+    }
 }
 
 /// What [`build_rootfs`] made.
@@ -105,7 +220,7 @@ pub enum Ext4Error {
     /// debugfs failed or reported errors while applying fixups.
     #[error("debugfs failed applying fixups ({status}): {stderr}")]
     Debugfs { status: String, stderr: String },
-    /// A fixup path that cannot be written into a debugfs script.
+    /// A fixup or edit path that cannot be written into a debugfs script.
     #[error("cannot script a fixup for {path:?} (newline in name or line too long)")]
     Unscriptable { path: PathBuf },
     /// ext4 labels are at most 16 bytes.
@@ -159,7 +274,7 @@ pub async fn build_rootfs(
     let size = size.unwrap_or_else(|| default_size(usage.tree_bytes()).max(required_size(&usage)));
     let inodes = make_fs(&tree.root, out, size, "rootfs", &usage).await?;
     let made = std::time::Instant::now();
-    if let Err(e) = apply_fixups(out, &fixups).await {
+    if let Err(e) = apply_fixups(out, &fixups, &[]).await {
         let _ = tokio::fs::remove_file(out).await;
         return Err(e);
     }
@@ -196,6 +311,68 @@ pub async fn build_from_dir(
     let root = dir.to_path_buf();
     let usage = blocking(move || measure_tree(&root).map_err(io_err("measuring", &root))).await?;
     make_fs(dir, out, size, label, &usage).await?;
+    Ok(())
+}
+
+/// Builds the root filesystem image `out` straight from the tree at
+/// `root`, which is only read (the tree cache's entry: no staging copy is
+/// made), with `usage` measured beforehand (no walk here), then applies
+/// `fixups` and after them `edits` in one `debugfs` run. `size` as for
+/// [`build_rootfs`].
+#[instrument(skip_all, fields(root = %root.display(), out = %out.display()))]
+pub async fn build_rootfs_from(
+    root: &Path,
+    usage: TreeUsage,
+    fixups: &[Fixup],
+    edits: &[Edit],
+    out: &Path,
+    size: Option<u64>,
+) -> Result<Ext4Stats, Ext4Error> {
+    let started = std::time::Instant::now();
+    let size = size.unwrap_or_else(|| default_size(usage.tree_bytes()).max(required_size(&usage)));
+    let inodes = make_fs(root, out, size, "rootfs", &usage).await?;
+    let made = std::time::Instant::now();
+    if let Err(e) = apply_fixups(out, fixups, edits).await {
+        let _ = tokio::fs::remove_file(out).await;
+        return Err(e);
+    }
+    let timings = BuildTimings {
+        measure: std::time::Duration::ZERO,
+        mkfs: made - started,
+        fixups: made.elapsed(),
+    };
+    tracing::info!(
+        size,
+        fixups = fixups.len(),
+        edits = edits.len(),
+        ?timings,
+        "root filesystem built from a cached tree"
+    );
+    Ok(Ext4Stats {
+        size,
+        tree_bytes: usage.tree_bytes(),
+        usage,
+        inodes,
+        fixups: fixups.len(),
+        timings,
+    })
+}
+
+/// [`build_from_dir`] followed by `edits` (no fixups): the work seed of an
+/// image built from a cached tree. `dir` is only read.
+#[instrument(skip_all, fields(dir = %dir.display(), out = %out.display()))]
+pub async fn build_from_dir_with(
+    dir: &Path,
+    out: &Path,
+    size: u64,
+    label: &str,
+    edits: &[Edit],
+) -> Result<(), Ext4Error> {
+    build_from_dir(dir, out, size, label).await?;
+    if let Err(e) = apply_fixups(out, &[], edits).await {
+        let _ = tokio::fs::remove_file(out).await;
+        return Err(e);
+    }
     Ok(())
 }
 
@@ -304,8 +481,8 @@ fn mkfs_out_of_space(stderr: &str) -> bool {
     .any(|needle| stderr.contains(needle))
 }
 
-async fn apply_fixups(out: &Path, fixups: &[Fixup]) -> Result<(), Ext4Error> {
-    if fixups.is_empty() {
+async fn apply_fixups(out: &Path, fixups: &[Fixup], edits: &[Edit]) -> Result<(), Ext4Error> {
+    if fixups.is_empty() && edits.is_empty() {
         return Ok(());
     }
     let debugfs = tool("debugfs")?;
@@ -324,7 +501,7 @@ async fn apply_fixups(out: &Path, fixups: &[Fixup]) -> Result<(), Ext4Error> {
     tokio::fs::create_dir(&work)
         .await
         .map_err(io_err("creating", &work))?;
-    let result = run_debugfs(&debugfs, out, fixups, &work).await;
+    let result = run_debugfs(&debugfs, out, fixups, edits, &work).await;
     let _ = tokio::fs::remove_dir_all(&work).await;
     result
 }
@@ -333,14 +510,17 @@ async fn run_debugfs(
     debugfs: &Path,
     out: &Path,
     fixups: &[Fixup],
+    edits: &[Edit],
     work: &Path,
 ) -> Result<(), Ext4Error> {
     let values = work.join("values");
     tokio::fs::create_dir(&values)
         .await
         .map_err(io_err("creating", &values))?;
-    let script =
+    let mut script =
         script::render(fixups, &values).map_err(|u| Ext4Error::Unscriptable { path: u.path })?;
+    script::render_edits(&mut script, edits, &values)
+        .map_err(|u| Ext4Error::Unscriptable { path: u.path })?;
     for (file, value) in &script.values {
         let p = values.join(file);
         tokio::fs::write(&p, value)

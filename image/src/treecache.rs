@@ -10,19 +10,25 @@
 //!
 //! ```text
 //! <key>/tree/        the tree, exactly as the unpacker left it; never changed
-//! <key>/meta.json    layers, sizes, deferred fixups by path, fingerprint, boot id
+//! <key>/meta.json    layers, sizes, deferred fixups by path, fingerprint, boot id,
+//!                    the tree's measurement for ext4
 //! <key>/durable      present once everything above reached the disk (syncfs)
 //! <key>.<pid>-<n>-<nanos>.tmp/    an entry being built
 //! <key>.<pid>-<n>-<nanos>.trash/  an entry being removed
 //! ```
 //!
-//! A pull never uses an entry's tree directly: it makes a **hardlink farm**
-//! of it in its own staging directory ([`TreeCache::farm`]): a fresh
-//! directory for every directory (mode, owner, xattrs and times copied)
-//! and a hard link for everything else. banger's injection then replaces
-//! files in the farm (unlink and create, never writing into an existing
-//! file), `mkfs.ext4 -d` reads it, and the farm is removed. The farm costs
-//! one `linkat` per entry instead of decompressing and writing every byte.
+//! Nothing ever writes into an entry's tree. A warm pull builds straight
+//! from it: `mkfs.ext4 -d` reads [`CachedTree::tree_dir`], banger's
+//! injection is made inside the built image with `debugfs`
+//! ([`crate::ext4::build_rootfs_from`]), the tree's measurement comes from
+//! `meta.json` ([`CachedTree::usage`]), and [`TreeCache::verify`] checks
+//! the tree meanwhile. A cold pull, which has just unpacked the entry,
+//! builds from a **hardlink farm** of it in its own staging directory
+//! ([`TreeBuild::commit`], [`TreeCache::farm`]): a fresh directory for
+//! every directory (mode, owner, xattrs and times copied) and a hard link
+//! for everything else; injection replaces files in the farm (unlink and
+//! create, never writing into an existing file), `mkfs.ext4 -d` reads it,
+//! and the farm is removed.
 //!
 //! Guarantees:
 //!
@@ -35,9 +41,10 @@
 //!   ([`TreeCache::remove_unfinished`]).
 //! - **Verified on every use.** `meta.json` holds a fingerprint of the tree:
 //!   a SHA-256 over every path, type, mode, owner, size and mtime, in
-//!   order. Each farm recomputes it from what it linked and compares; a
-//!   mismatch (an entry changed, truncated or partly removed) discards the
-//!   entry and the pull unpacks the layers again. An entry written in an
+//!   order. Each farm recomputes it from what it linked, and
+//!   [`TreeCache::verify`] from what it reads, and compares; a mismatch (an
+//!   entry changed, truncated or partly removed) discards the entry (and
+//!   whatever was built from it) and the pull unpacks the layers again. An entry written in an
 //!   earlier boot is only trusted if its `durable` marker exists (written
 //!   after `syncfs`), so a power loss cannot leave a tree whose metadata
 //!   survived but whose data did not. A farm also checks at the end that
@@ -82,6 +89,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::ext4::TreeUsage;
 use crate::unpack::{Compression, DeviceNode, Fixup, LayerStats, Limits, NodeKind, UnpackedTree};
 
 /// Version of what an entry holds. Bump it whenever the unpacker would
@@ -220,6 +228,46 @@ struct Meta {
     /// `/proc/sys/kernel/random/boot_id` when the entry was made.
     boot_id: String,
     fixups: Vec<MetaFixup>,
+    /// The tree measured for ext4 ([`crate::ext4::measure_tree`]), so
+    /// that a pull building from the entry does not walk it first.
+    /// Absent in entries made before it was recorded.
+    #[serde(default)]
+    usage: Option<MetaUsage>,
+}
+
+/// [`TreeUsage`] in `meta.json`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct MetaUsage {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    others: u64,
+    apparent_bytes: u64,
+    data_blocks: u64,
+}
+
+impl MetaUsage {
+    fn of(u: &TreeUsage) -> Self {
+        MetaUsage {
+            files: u.files,
+            dirs: u.dirs,
+            symlinks: u.symlinks,
+            others: u.others,
+            apparent_bytes: u.apparent_bytes,
+            data_blocks: u.data_blocks,
+        }
+    }
+
+    fn usage(&self) -> TreeUsage {
+        TreeUsage {
+            files: self.files,
+            dirs: self.dirs,
+            symlinks: self.symlinks,
+            others: self.others,
+            apparent_bytes: self.apparent_bytes,
+            data_blocks: self.data_blocks,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -325,6 +373,27 @@ impl CachedTree {
     /// The entry's key.
     pub fn key(&self) -> &TreeKey {
         &self.key
+    }
+
+    /// The cached tree itself. Read it, never change it: `mkfs.ext4 -d`
+    /// may read it directly ([`TreeCache::verify`] checks it meanwhile).
+    pub fn tree_dir(&self) -> PathBuf {
+        self.dir.join(TREE)
+    }
+
+    /// The tree's deferred fixups, by image path, sorted.
+    pub fn fixups(&self) -> &[Fixup] {
+        &self.fixups
+    }
+
+    /// The tree's measurement, when the entry recorded one.
+    pub fn usage(&self) -> Option<TreeUsage> {
+        self.meta.usage.map(|u| u.usage())
+    }
+
+    /// Whether the tree's owners are recorded as fixups.
+    pub fn ownership_deferred(&self) -> bool {
+        self.meta.ownership_deferred
     }
 }
 
@@ -553,6 +622,35 @@ impl TreeCache {
             entry.meta.ownership_deferred,
             farmed.fixups,
         ))
+    }
+
+    /// Checks that `entry`'s tree is still what its `meta.json` says: walks
+    /// it (read only, a few threads) and compares the fingerprint and the
+    /// number of paths, checks that every fixup path exists and that the
+    /// entry was not removed meanwhile. For a pull that builds straight
+    /// from the entry: run it alongside `mkfs.ext4 -d` and throw the image
+    /// away unless it passes. Blocking. Every error is
+    /// [`FarmError::Damaged`].
+    pub fn verify(&self, entry: &CachedTree) -> Result<(), FarmError> {
+        let damaged = |what: &str, e: Errno| FarmError::Damaged(format!("{what}: {e}"));
+        let entry_fd = open_dir_at(rfs::CWD, &entry.dir).map_err(|e| damaged("opening it", e))?;
+        let entry_st = rfs::fstat(&entry_fd).map_err(|e| damaged("opening it", e))?;
+        let src = open_dir_at(&entry_fd, Path::new(TREE)).map_err(|e| damaged("opening it", e))?;
+        let walked =
+            walk(&src, None, &entry.fixups, entry.key.privileged).map_err(|e| match e {
+                FarmError::Unusable(why) => FarmError::Damaged(why),
+                damaged => damaged,
+            })?;
+        if walked.paths != entry.meta.paths || walked.fingerprint != entry.meta.fingerprint {
+            return Err(FarmError::Damaged(format!(
+                "its {} paths do not match the {} recorded when it was made",
+                walked.paths, entry.meta.paths
+            )));
+        }
+        match rfs::statat(rfs::CWD, &entry.dir, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_ino == entry_st.st_ino && st.st_dev == entry_st.st_dev => Ok(()),
+            _ => Err(FarmError::Damaged("it was removed meanwhile".to_string())),
+        }
     }
 
     /// Renames the entry of `key` away and removes it (in the background);
@@ -854,7 +952,13 @@ impl TreeBuild {
             Ok(fd) => fd,
             Err(e) => return Err(io_err("open", &tree.root)(e.into())),
         };
-        let farmed = match make_farm(&src, dest, &fixups, self.key.privileged) {
+        // Measured alongside the farm, for pulls that build from the entry.
+        let (farmed, usage) = std::thread::scope(|scope| {
+            let measuring = scope.spawn(|| crate::ext4::measure_tree(&tree.root).ok());
+            let farmed = make_farm(&src, dest, &fixups, self.key.privileged);
+            (farmed, measuring.join().ok().flatten())
+        });
+        let farmed = match farmed {
             Ok(farmed) => farmed,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(dest);
@@ -873,7 +977,7 @@ impl TreeBuild {
         // From here on the pull has its tree; failing to cache it only
         // costs later pulls an unpack.
         let final_path = self.cache.entry_path(&self.key);
-        let note = match self.write_meta(&tree, &fixups, &farmed.fingerprint, farmed.paths) {
+        let note = match self.write_meta(&tree, &fixups, &farmed.fingerprint, farmed.paths, usage) {
             Err(e) => Some(format!("not cached: {e}")),
             Ok(()) => match rfs::renameat_with(
                 rfs::CWD,
@@ -911,6 +1015,7 @@ impl TreeBuild {
         fixups: &[Fixup],
         fingerprint: &str,
         paths: u64,
+        usage: Option<TreeUsage>,
     ) -> Result<(), TreeCacheError> {
         if tree.layers.len() != self.key.layers.len() {
             return Err(TreeCacheError::NotCacheable(
@@ -943,6 +1048,7 @@ impl TreeBuild {
             fingerprint: fingerprint.to_string(),
             boot_id: boot_id().to_string(),
             fixups: fixups.iter().map(MetaFixup::of).collect(),
+            usage: usage.as_ref().map(MetaUsage::of),
         };
         let path = self.path.join(META);
         let text = serde_json::to_vec(&meta).map_err(|e| TreeCacheError::Io {
@@ -1046,16 +1152,27 @@ fn make_farm(
     privileged: bool,
 ) -> Result<Farmed, FarmError> {
     let unusable = |what: &str, e: Errno| FarmError::Unusable(format!("{what}: {e}"));
+    rfs::mkdir(dest, Mode::from_raw_mode(0o700)).map_err(|e| unusable("creating the farm", e))?;
+    let dst = open_dir_at(rfs::CWD, dest).map_err(|e| unusable("opening the farm", e))?;
+    walk(src, Some(&dst), fixups, privileged)
+}
+
+/// The walk of [`make_farm`], linking into `dst` when there is one; without
+/// one it only reads (fingerprint, and where the fixup paths are).
+fn walk(
+    src: &OwnedFd,
+    dst: Option<&OwnedFd>,
+    fixups: &[Fixup],
+    privileged: bool,
+) -> Result<Farmed, FarmError> {
     let wanted: HashMap<Vec<u8>, usize> = fixups
         .iter()
         .enumerate()
         .map(|(i, f)| (f.path.as_os_str().as_bytes().to_vec(), i))
         .collect();
-    rfs::mkdir(dest, Mode::from_raw_mode(0o700)).map_err(|e| unusable("creating the farm", e))?;
-    let dst = open_dir_at(rfs::CWD, dest).map_err(|e| unusable("opening the farm", e))?;
     let shared = Farm {
         src,
-        dst: &dst,
+        dst,
         privileged,
         wanted: &wanted,
         queue: Mutex::new(Queue {
@@ -1121,7 +1238,8 @@ fn make_farm(
 
 struct Farm<'a> {
     src: &'a OwnedFd,
-    dst: &'a OwnedFd,
+    /// `None`: only walk (see [`TreeCache::verify`]).
+    dst: Option<&'a OwnedFd>,
     privileged: bool,
     /// Image paths with a fixup, to their index.
     wanted: &'a HashMap<Vec<u8>, usize>,
@@ -1191,7 +1309,10 @@ impl Farm<'_> {
         };
         let here: &[u8] = if rel.is_empty() { b"." } else { rel };
         let src = open_beneath(self.src, here).map_err(|e| damaged(rel, e))?;
-        let dst = open_beneath(self.dst, here).map_err(|e| unusable("open", rel, e))?;
+        let dst = match self.dst {
+            Some(root) => Some(open_beneath(root, here).map_err(|e| unusable("open", rel, e))?),
+            None => None,
+        };
         let st = rfs::fstat(&src).map_err(|e| damaged(rel, e))?;
         let mut image_path = Vec::with_capacity(rel.len() + 64);
         image_path.push(b'/');
@@ -1199,7 +1320,10 @@ impl Farm<'_> {
         if rel.is_empty() {
             out.records.push((image_path.clone(), record(&st)));
             if let Some(&i) = self.wanted.get(&image_path) {
-                let d = rfs::fstat(&dst).map_err(|e| unusable("stat", rel, e))?;
+                let d = match &dst {
+                    Some(dst) => rfs::fstat(dst).map_err(|e| unusable("stat", rel, e))?,
+                    None => st,
+                };
                 out.found.push((i, (d.st_dev, d.st_ino)));
             }
         }
@@ -1215,13 +1339,22 @@ impl Farm<'_> {
             let cst = rfs::statat(&src, name_os, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| damaged(&child[1..], e))?;
             out.records.push((child.clone(), record(&cst)));
+            let Some(dst) = &dst else {
+                if FileType::from_raw_mode(cst.st_mode) == FileType::Directory {
+                    children.push(child[1..].to_vec());
+                }
+                if let Some(&i) = self.wanted.get(&child) {
+                    out.found.push((i, (cst.st_dev, cst.st_ino)));
+                }
+                continue;
+            };
             let id = if FileType::from_raw_mode(cst.st_mode) == FileType::Directory {
-                rfs::mkdirat(&dst, name_os, Mode::from_raw_mode(0o700))
+                rfs::mkdirat(dst, name_os, Mode::from_raw_mode(0o700))
                     .map_err(|e| unusable("mkdir", &child[1..], e))?;
                 children.push(child[1..].to_vec());
                 None
             } else {
-                match rfs::linkat(&src, name_os, &dst, name_os, AtFlags::empty()) {
+                match rfs::linkat(&src, name_os, dst, name_os, AtFlags::empty()) {
                     Ok(()) => {}
                     Err(Errno::NOENT) => {
                         return Err(FarmError::Damaged(format!(
@@ -1237,7 +1370,7 @@ impl Farm<'_> {
                 let id = match id {
                     Some(id) => id,
                     None => {
-                        let d = rfs::statat(&dst, name_os, AtFlags::SYMLINK_NOFOLLOW)
+                        let d = rfs::statat(dst, name_os, AtFlags::SYMLINK_NOFOLLOW)
                             .map_err(|e| unusable("stat", &child[1..], e))?;
                         (d.st_dev, d.st_ino)
                     }
@@ -1246,7 +1379,9 @@ impl Farm<'_> {
             }
         }
         // Last: creating the entries changed the directory's times.
-        copy_dir_meta(&src, &dst, &st, self.privileged)?;
+        if let Some(dst) = &dst {
+            copy_dir_meta(&src, dst, &st, self.privileged)?;
+        }
         Ok(children)
     }
 }

@@ -347,3 +347,162 @@ async fn deep_and_read_only_trees_are_farmed_faithfully() {
     cache.farm(&entry, &again).expect("farm");
     assert_eq!(comparable(snapshot(&again)), want);
 }
+
+fn debugfs(img: &Path, request: &str) -> String {
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(img)
+        .output()
+        .expect("debugfs runs (apt-get install e2fsprogs)");
+    assert!(out.status.success(), "debugfs {request}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `Type: ... Mode: ...` and `User: ... Group:` of an image path.
+fn image_stat(img: &Path, path: &str) -> (String, u32, u32, u32) {
+    let s = debugfs(img, &format!("stat \"{path}\""));
+    let field = |name: &str| -> String {
+        let at = s
+            .find(name)
+            .unwrap_or_else(|| panic!("{path}: no {name} in {s}"));
+        s[at + name.len()..]
+            .split_whitespace()
+            .next()
+            .expect("value")
+            .to_string()
+    };
+    let kind = field("Type:");
+    let mode = u32::from_str_radix(&field("Mode:"), 8).expect("octal");
+    let uid = field("User:").parse().expect("uid");
+    let gid = field("Group:").parse().expect("gid");
+    (kind, mode, uid, gid)
+}
+
+#[tokio::test]
+async fn images_are_built_straight_from_an_entry_which_is_checked_and_never_changed() {
+    use banger_image::ext4::{self, Edit};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let reference = unpack_into(&tmp.path().join("reference")).await;
+    let cache = TreeCache::open(tmp.path().join("trees")).expect("open");
+    let key = key();
+    let build = cache.begin(&key).expect("begin");
+    let tree = unpack_into(&build.tree_dir()).await;
+    let committed = build
+        .commit(tree, &tmp.path().join("pull-1"))
+        .expect("commit");
+    assert!(committed.cached, "{:?}", committed.note);
+    wait_for_durable(&cache, &key);
+    let Lookup::Hit(entry) = cache.lookup(&key, &Limits::default()) else {
+        panic!("no hit after commit")
+    };
+    // The measurement was kept, and is what walking the tree gives.
+    let measured = ext4::measure_tree(&reference.root).expect("measure");
+    assert_eq!(entry.usage(), Some(measured));
+    assert_eq!(entry.tree_dir(), cache.entry_path(&key).join("tree"));
+    assert_eq!(entry.fixups(), &fixups(&reference)[..]);
+    let pristine = snapshot(&entry.tree_dir());
+    cache.verify(&entry).expect("a sound entry passes");
+
+    // mkfs reads the entry itself; the fixups and then the edits are made
+    // inside the image.
+    let edits = vec![
+        Edit::Remove {
+            path: "/etc/passwd".into(),
+        },
+        Edit::Write {
+            path: "/etc/passwd".into(),
+            contents: b"banger\n".to_vec(),
+            mode: 0o600,
+            owner: (0, 0),
+        },
+        Edit::Mkdir {
+            path: "/root".into(),
+            mode: 0o700,
+            owner: (0, 0),
+        },
+        Edit::Write {
+            path: "/root/keys".into(),
+            contents: b"k\n".to_vec(),
+            mode: 0o600,
+            owner: (7, 8),
+        },
+        Edit::Symlink {
+            path: "/etc/l".into(),
+            target: "passwd".into(),
+            owner: (0, 0),
+        },
+        Edit::SetMode {
+            path: "/opt".into(),
+            mode: 0o041777,
+        },
+    ];
+    let img = tmp.path().join("rootfs.ext4");
+    let stats = ext4::build_rootfs_from(
+        &entry.tree_dir(),
+        measured,
+        entry.fixups(),
+        &edits,
+        &img,
+        None,
+    )
+    .await
+    .expect("build");
+    assert_eq!(stats.size, ext4::default_size(measured.tree_bytes()));
+    assert_eq!(debugfs(&img, "cat /etc/passwd"), "banger\n");
+    assert_eq!(image_stat(&img, "/etc/passwd").1, 0o600);
+    assert_eq!(debugfs(&img, "cat /etc/motd"), "hello\n");
+    assert_eq!(image_stat(&img, "/root"), ("directory".into(), 0o700, 0, 0));
+    assert_eq!(
+        image_stat(&img, "/root/keys"),
+        ("regular".into(), 0o600, 7, 8)
+    );
+    assert_eq!(image_stat(&img, "/etc/l").0, "symlink");
+    assert_eq!(image_stat(&img, "/opt").1, 0o1777);
+    // The fixups: setuid and the device node.
+    assert_eq!(image_stat(&img, "/usr/bin/su").1, 0o4755);
+    assert_eq!(image_stat(&img, "/dev/null").0, "character");
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&img)
+        .output()
+        .expect("e2fsck runs");
+    assert!(fsck.status.success(), "e2fsck: {fsck:?}");
+    // The entry is exactly as it was, inode numbers and times included.
+    assert_eq!(snapshot(&entry.tree_dir()), pristine);
+    cache.verify(&entry).expect("still sound");
+
+    // Work seeds: an image of a directory plus edits below it.
+    let seed = tmp.path().join("seed.ext4");
+    let seed_edits: Vec<Edit> = edits
+        .iter()
+        .filter_map(|e| e.rebased(Path::new("/root")))
+        .collect();
+    assert_eq!(seed_edits.len(), 1);
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    ext4::build_from_dir_with(&empty, &seed, 64 << 20, "seed", &seed_edits)
+        .await
+        .expect("seed");
+    assert_eq!(debugfs(&seed, "cat /keys"), "k\n");
+
+    // A tampered entry fails the check: a file rewritten in place (same
+    // size), then a file removed, then a fixup's path gone.
+    let tree_dir = entry.tree_dir();
+    std::fs::write(tree_dir.join("etc/motd"), "HELLO\n").expect("rewrite");
+    match cache.verify(&entry) {
+        Err(FarmError::Damaged(why)) => assert!(why.contains("paths"), "{why}"),
+        other => panic!("a rewritten file passed: {other:?}"),
+    }
+    std::fs::remove_file(tree_dir.join("opt/b")).expect("rm");
+    assert!(matches!(cache.verify(&entry), Err(FarmError::Damaged(_))));
+    std::fs::remove_file(tree_dir.join("usr/bin/su")).expect("rm");
+    match cache.verify(&entry) {
+        Err(FarmError::Damaged(why)) => assert!(why.contains("su"), "{why}"),
+        other => panic!("a missing fixup path passed: {other:?}"),
+    }
+    // An entry removed meanwhile fails it too.
+    cache.discard(&key);
+    assert!(matches!(cache.verify(&entry), Err(FarmError::Damaged(_))));
+    wait_for_no_leftovers(&cache);
+}

@@ -783,7 +783,7 @@ async fn second_pull_under_another_name_uses_the_layer_cache() {
 }
 
 #[tokio::test]
-async fn warm_pull_links_the_cached_tree_and_builds_the_same_rootfs() {
+async fn warm_pull_builds_from_the_cached_tree_and_makes_the_same_rootfs() {
     let reg = TestRegistry::start();
     let mut blobs = busybox_layers("warm");
     blobs.push(special_layer());
@@ -857,7 +857,8 @@ async fn warm_pull_links_the_cached_tree_and_builds_the_same_rootfs() {
     );
     assert_no_tree_leftovers(&d).await;
 
-    // Warm, under the same name: nothing is unpacked, the tree is linked.
+    // Warm, under the same name: nothing is unpacked or linked, the image
+    // is built from the cached tree itself.
     let mut client = d.client().await;
     match banger_tests::artifacts::ask(&mut client, Request::ImageDelete { name: "img".into() })
         .await
@@ -876,7 +877,7 @@ async fn warm_pull_links_the_cached_tree_and_builds_the_same_rootfs() {
     assert!(
         warm.of_stage("extract").iter().any(|p| p
             .detail
-            .contains(&format!("linking the cached tree {}", &keys[0][..12]))),
+            .contains(&format!("building from the cached tree {}", &keys[0][..12]))),
         "{:?}",
         warm.of_stage("extract")
     );

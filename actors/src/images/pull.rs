@@ -1,7 +1,18 @@
 //! `banger image pull`: resolve → download (layers in parallel, cached by
-//! digest) → extract (a hardlink farm of the tree cache's entry for these
-//! layers, or the layers unpacked in order, hostile-input safe, into a new
-//! entry) → inject → build (ext4 rootfs and work seed) → publish.
+//! digest) → extract (the layers unpacked in order, hostile-input safe,
+//! into a new tree cache entry, and a hardlink farm of it made in the
+//! staging dir; nothing when the tree cache has the entry already) →
+//! inject → build (ext4 rootfs and work seed) → publish.
+//!
+//! **Warm** (the tree cache has a sound entry for these layers), nothing
+//! is copied or linked: `mkfs.ext4 -d` reads the cached tree itself, which
+//! is never changed; injection is planned against it ([`inject::plan`])
+//! and made inside the built image with `debugfs`, after the tree's
+//! fixups; the tree's measurement comes from the entry's `meta.json`; and
+//! the tree's fingerprint is checked while mkfs runs. An entry that fails
+//! the check is discarded with the images built from it, and the pull
+//! unpacks the layers again.
+//!
 //! Everything before publication happens in `<images>/<id>.staging` (and
 //! an entry's `.tmp` dir in the tree cache) in the request task; a failure
 //! or a cancellation (the future is dropped) removes it.
@@ -12,7 +23,7 @@ use std::time::Instant;
 use banger_image::cache::{LayerCache, Verify};
 use banger_image::ext4::{self, Ext4Error};
 use banger_image::registry::{self, Platform, PullEvent, PullOptions};
-use banger_image::treecache::{FarmError, Lookup, TreeCache, TreeKey};
+use banger_image::treecache::{CachedTree, FarmError, Lookup, TreeCache, TreeKey, TreeLock};
 use banger_image::unpack::{Limits, UnpackedTree, Unpacker};
 use banger_protocol::{ErrorData, ErrorKind, ImageInfo, ImagePullRequest, ImageRuntimeConfig};
 use tokio::sync::mpsc;
@@ -202,8 +213,9 @@ pub async fn pull(
     )
     .await;
 
-    // Extract: a hardlink farm of the cached tree of these layers, or the
-    // layers unpacked into a new tree cache entry (and farmed from it).
+    // Extract: nothing when the tree cache has these layers' tree (the
+    // build reads it), else the layers unpacked into a new tree cache
+    // entry and farmed from it.
     let stage_started = Instant::now();
     let tree_dir = staging.path().join("tree");
     let limits = Limits {
@@ -219,37 +231,6 @@ pub async fn pull(
         .trees()
         .ok()
         .filter(|t| t.can_farm_into(staging.path()));
-    let extracted = match &trees {
-        Some(trees) => {
-            extract_via_cache(trees, &tree_key, layers, &cache, limits, &tree_dir, rctx).await?
-        }
-        None => Extracted {
-            tree: unpack_into(&tree_dir, layers, &cache, limits, rctx).await?,
-            how: "the tree cache is not usable here".into(),
-        },
-    };
-    let tree = extracted.tree;
-    rctx.progress(
-        "extract",
-        format!(
-            "{} in {} entries, {}, in {:.1}s",
-            human_bytes(tree.bytes_written),
-            tree.entries,
-            extracted.how,
-            stage_started.elapsed().as_secs_f64()
-        ),
-        None,
-    )
-    .await;
-
-    // Inject.
-    let stage_started = Instant::now();
-    rctx.progress(
-        "inject",
-        "SSH key, hostname, network bootstrap".into(),
-        None,
-    )
-    .await;
     let key = inject::ensure_ssh_key(&settings.config_dir)?;
     let metadata = serde_json::json!({
         "name": name,
@@ -258,65 +239,81 @@ pub async fn pull(
         "manifest_digest": resolved.manifest_digest,
         "platform": resolved.platform,
     });
-    let (tree_path, inject_name) = (tree.root.clone(), name.clone());
-    let agent = settings.agent_path.clone();
-    let injected = tokio::task::spawn_blocking(move || {
-        inject::inject(&tree_path, &inject_name, &key, &metadata, agent.as_deref())
-    })
-    .await
-    .map_err(|e| ErrorData::new(ErrorKind::Internal, format!("injection task failed: {e}")))??;
-    rctx.progress(
-        "inject",
-        format!(
-            "SSH key, hostname, network bootstrap, in {:.1}s",
-            stage_started.elapsed().as_secs_f64()
-        ),
-        None,
-    )
-    .await;
-
-    // Build.
-    let stage_started = Instant::now();
-    rctx.progress("build", "ext4 rootfs and work seed".into(), None)
+    let ctx = BuildCtx {
+        name: &name,
+        key: &key,
+        metadata: &metadata,
+        agent: settings.agent_path.as_deref(),
+        staging: staging.path(),
+        size: req.size,
+        rctx,
+    };
+    let mut warm_allowed = true;
+    let (stats, injected) = loop {
+        let extracted = match &trees {
+            Some(trees) => {
+                extract_via_cache(
+                    trees,
+                    &tree_key,
+                    layers.clone(),
+                    &cache,
+                    limits,
+                    &tree_dir,
+                    warm_allowed,
+                    rctx,
+                )
+                .await?
+            }
+            None => Extracted::Tree {
+                tree: unpack_into(&tree_dir, layers.clone(), &cache, limits, rctx).await?,
+                how: "the tree cache is not usable here".into(),
+            },
+        };
+        let (how, entries, bytes) = match &extracted {
+            Extracted::Tree { tree, how } => (how.clone(), tree.entries, tree.bytes_written),
+            Extracted::Cached { entry, how, .. } => {
+                (how.clone(), entry.entries(), entry.bytes_written())
+            }
+        };
+        rctx.progress(
+            "extract",
+            format!(
+                "{} in {entries} entries, {how}, in {:.1}s",
+                human_bytes(bytes),
+                stage_started.elapsed().as_secs_f64()
+            ),
+            None,
+        )
         .await;
-    let rootfs = staging.path().join(ROOTFS);
-    // Both read the finished tree; mkfs.ext4 is single-threaded.
-    let seed_started = Instant::now();
-    let (stats, seed) = tokio::join!(ext4::build_rootfs(&tree, &rootfs, req.size), async {
-        let seed = super::build_work_seed(&tree.root, staging.path()).await;
-        (seed, seed_started.elapsed())
-    });
-    let stats = stats.map_err(|e| ext4_error(&e))?;
-    let (seed, seed_took) = seed;
-    seed?;
-    // The tree must leave the staging dir before it is published; it is
-    // removed in the background.
-    let tree_root = tree.root.clone();
-    let disposal = trees.clone();
-    let dispose_key = tree_key.clone();
-    let _ = tokio::task::spawn_blocking(move || match disposal {
-        Some(trees) => trees.dispose(&dispose_key, &tree_root),
-        None => {
-            let _ = std::fs::remove_dir_all(&tree_root);
+        match extracted {
+            Extracted::Tree { tree, .. } => {
+                break build_from_tree(&ctx, tree, trees.as_ref(), &tree_key).await?;
+            }
+            Extracted::Cached { entry, lock, .. } => {
+                let Some(trees) = &trees else {
+                    unreachable!("a cached tree without a tree cache")
+                };
+                match build_from_cache(&ctx, trees, &entry).await? {
+                    Ok(built) => break built,
+                    Err(why) => {
+                        tracing::warn!(key = tree_key.hex(), %why, "cached tree damaged; unpacking again");
+                        rctx.progress(
+                            "extract",
+                            format!(
+                                "the cached tree {} is damaged ({why}); unpacking again",
+                                tree_key.short()
+                            ),
+                            None,
+                        )
+                        .await;
+                        trees.discard(&tree_key);
+                        drop(lock);
+                        warm_allowed = false;
+                    }
+                }
+            }
         }
-    })
-    .await;
-    let t = &stats.timings;
-    rctx.progress(
-        "build",
-        format!(
-            "rootfs {} (tree {}), work seed, in {:.1}s (measure {}, mkfs.ext4 {}, fixups {}; work seed {})",
-            human_bytes(stats.size),
-            human_bytes(stats.tree_bytes),
-            stage_started.elapsed().as_secs_f64(),
-            ms(t.measure),
-            ms(t.mkfs),
-            ms(t.fixups),
-            ms(seed_took),
-        ),
-        None,
-    )
-    .await;
+    };
 
     // Publish.
     let config = &resolved.config;
@@ -350,18 +347,282 @@ pub async fn pull(
     Ok(info)
 }
 
-/// The pull's tree and how it was made (for the `extract` stage's detail).
-struct Extracted {
-    tree: UnpackedTree,
-    how: String,
+/// What the inject and build stages need besides the tree.
+struct BuildCtx<'a> {
+    name: &'a str,
+    key: &'a inject::ManagedKey,
+    metadata: &'a serde_json::Value,
+    agent: Option<&'a Path>,
+    staging: &'a Path,
+    size: Option<u64>,
+    rctx: &'a RequestCtx,
 }
 
-/// Makes the pull's tree at `dest` through the tree cache: a farm of the
-/// cached tree of `key` when there is a sound one, else the layers
-/// unpacked into a new entry, farmed from it. Builders of one key take
-/// turns (the others then find the entry); a damaged entry is discarded
-/// and rebuilt; a farm that cannot be made here falls back to unpacking
-/// into `dest` directly.
+/// Inject into the pull's own tree (a farm or an unpacked tree), then
+/// build the rootfs and the work seed from it, then get rid of it.
+async fn build_from_tree(
+    ctx: &BuildCtx<'_>,
+    tree: UnpackedTree,
+    trees: Option<&TreeCache>,
+    tree_key: &TreeKey,
+) -> Result<(ext4::Ext4Stats, inject::Injected), ErrorData> {
+    let rctx = ctx.rctx;
+    let stage_started = Instant::now();
+    rctx.progress(
+        "inject",
+        "SSH key, hostname, network bootstrap".into(),
+        None,
+    )
+    .await;
+    let (tree_path, inject_name) = (tree.root.clone(), ctx.name.to_string());
+    let (key, metadata) = (ctx.key.clone(), ctx.metadata.clone());
+    let agent = ctx.agent.map(Path::to_path_buf);
+    let injected = tokio::task::spawn_blocking(move || {
+        inject::inject(&tree_path, &inject_name, &key, &metadata, agent.as_deref())
+    })
+    .await
+    .map_err(|e| ErrorData::new(ErrorKind::Internal, format!("injection task failed: {e}")))??;
+    rctx.progress(
+        "inject",
+        format!(
+            "SSH key, hostname, network bootstrap, in {:.1}s",
+            stage_started.elapsed().as_secs_f64()
+        ),
+        None,
+    )
+    .await;
+
+    let stage_started = Instant::now();
+    rctx.progress("build", "ext4 rootfs and work seed".into(), None)
+        .await;
+    let rootfs = ctx.staging.join(ROOTFS);
+    // Both read the finished tree; mkfs.ext4 is single-threaded.
+    let seed_started = Instant::now();
+    let (stats, seed) = tokio::join!(ext4::build_rootfs(&tree, &rootfs, ctx.size), async {
+        let seed = super::build_work_seed(&tree.root, ctx.staging).await;
+        (seed, seed_started.elapsed())
+    });
+    // The tree must leave the staging dir before it is published; it is
+    // removed in the background.
+    let tree_root = tree.root.clone();
+    let disposal = trees.cloned();
+    let dispose_key = tree_key.clone();
+    let _ = tokio::task::spawn_blocking(move || match disposal {
+        Some(trees) => trees.dispose(&dispose_key, &tree_root),
+        None => {
+            let _ = std::fs::remove_dir_all(&tree_root);
+        }
+    })
+    .await;
+    let stats = stats.map_err(|e| ext4_error(&e))?;
+    let (seed, seed_took) = seed;
+    seed?;
+    let t = &stats.timings;
+    rctx.progress(
+        "build",
+        format!(
+            "rootfs {} (tree {}), work seed, in {:.1}s (measure {}, mkfs.ext4 {}, fixups {}; work seed {})",
+            human_bytes(stats.size),
+            human_bytes(stats.tree_bytes),
+            stage_started.elapsed().as_secs_f64(),
+            ms(t.measure),
+            ms(t.mkfs),
+            ms(t.fixups),
+            ms(seed_took),
+        ),
+        None,
+    )
+    .await;
+    Ok((stats, injected))
+}
+
+/// The warm path: builds the rootfs and the work seed straight from the
+/// cached tree (never changed), with banger's injection planned against
+/// it and made inside the images with debugfs, while the tree is checked
+/// against its fingerprint. `Ok(Err(why))`: the entry is damaged and the
+/// images built from it were removed.
+async fn build_from_cache(
+    ctx: &BuildCtx<'_>,
+    trees: &TreeCache,
+    entry: &CachedTree,
+) -> Result<Result<(ext4::Ext4Stats, inject::Injected), String>, ErrorData> {
+    let rctx = ctx.rctx;
+    let tree_dir = entry.tree_dir();
+    let stage_started = Instant::now();
+    rctx.progress(
+        "inject",
+        "SSH key, hostname, network bootstrap".into(),
+        None,
+    )
+    .await;
+    let planned = {
+        let (tree_dir, name) = (tree_dir.clone(), ctx.name.to_string());
+        let (key, metadata) = (ctx.key.clone(), ctx.metadata.clone());
+        let agent = ctx.agent.map(Path::to_path_buf);
+        blocking(move || inject::plan(&tree_dir, &name, &key, &metadata, agent.as_deref())).await
+    };
+    let (injected, edits) = planned?;
+    let edits = without_overridden(edits, entry.fixups());
+    rctx.progress(
+        "inject",
+        format!(
+            "SSH key, hostname, network bootstrap ({} changes to make in the image), in {:.1}s",
+            edits.len(),
+            stage_started.elapsed().as_secs_f64()
+        ),
+        None,
+    )
+    .await;
+
+    let stage_started = Instant::now();
+    rctx.progress("build", "ext4 rootfs and work seed".into(), None)
+        .await;
+    // The measurement: from meta.json, or (older entries) by walking.
+    let mut usage = match entry.usage() {
+        Some(usage) => usage,
+        None => {
+            let dir = tree_dir.clone();
+            blocking(move || ext4::measure_tree(&dir).map_err(|e| err_of(ErrorKind::Internal, &e)))
+                .await?
+        }
+    };
+    let measured = stage_started.elapsed();
+    for edit in &edits {
+        add_usage(&mut usage, &edit.usage());
+    }
+    // The work seed: the cached /root (or nothing) plus what injection
+    // puts under /root.
+    let cached_root = tree_dir.join("root");
+    let seed_edits: Vec<ext4::Edit> = edits
+        .iter()
+        .filter_map(|e| e.rebased(Path::new("/root")))
+        .collect();
+    let empty_root = ctx.staging.join("seed-root");
+    let seed_src = if std::fs::symlink_metadata(&cached_root).is_ok_and(|m| m.is_dir()) {
+        cached_root
+    } else {
+        std::fs::create_dir(&empty_root).map_err(|e| err_of(ErrorKind::Internal, &e))?;
+        empty_root.clone()
+    };
+    let seed_bytes = {
+        let src = seed_src.clone();
+        blocking(move || Ok(crate::fsutil::tree_bytes(&src))).await?
+    } + seed_edits
+        .iter()
+        .map(|e| e.usage().apparent_bytes)
+        .sum::<u64>();
+    let rootfs = ctx.staging.join(ROOTFS);
+    let seed_path = ctx.staging.join(WORK_SEED);
+    let started = Instant::now();
+    let checking = {
+        let (trees, entry) = (trees.clone(), entry.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = trees.verify(&entry);
+            (result, started.elapsed())
+        })
+    };
+    let (stats, seed, checked) = tokio::join!(
+        ext4::build_rootfs_from(&tree_dir, usage, entry.fixups(), &edits, &rootfs, ctx.size),
+        async {
+            let seed = ext4::build_from_dir_with(
+                &seed_src,
+                &seed_path,
+                inject::work_seed_size(seed_bytes),
+                inject::WORK_LABEL,
+                &seed_edits,
+            )
+            .await;
+            (seed, started.elapsed())
+        },
+        checking
+    );
+    if seed_src == empty_root {
+        let _ = std::fs::remove_dir(&empty_root);
+    }
+    let (checked, check_took) = checked
+        .map_err(|e| ErrorData::new(ErrorKind::Internal, format!("worker thread failed: {e}")))?;
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&rootfs);
+        let _ = std::fs::remove_file(&seed_path);
+        let why = match e {
+            FarmError::Damaged(why) | FarmError::Unusable(why) => why,
+        };
+        return Ok(Err(why));
+    }
+    let stats = stats.map_err(|e| ext4_error(&e))?;
+    let (seed, seed_took) = seed;
+    seed.map_err(|e| ext4_error(&e))?;
+    let t = &stats.timings;
+    rctx.progress(
+        "build",
+        format!(
+            "rootfs {} (tree {}), work seed, in {:.1}s (measure {}, mkfs.ext4 {}, fixups and injection {}; work seed {}; cached tree checked in {})",
+            human_bytes(stats.size),
+            human_bytes(stats.tree_bytes),
+            stage_started.elapsed().as_secs_f64(),
+            ms(measured),
+            ms(t.mkfs),
+            ms(t.fixups),
+            ms(seed_took),
+            ms(check_took),
+        ),
+        None,
+    )
+    .await;
+    Ok(Ok((stats, injected)))
+}
+
+/// Drops the mode and owner changes that the tree's own fixups override:
+/// on the host tree injection's `chmod`/`chown` came before mkfs and the
+/// fixups after it, so a fixup's mode or owner of the same path won.
+fn without_overridden(
+    edits: Vec<ext4::Edit>,
+    fixups: &[banger_image::unpack::Fixup],
+) -> Vec<ext4::Edit> {
+    edits
+        .into_iter()
+        .filter(|edit| match edit {
+            ext4::Edit::SetMode { path, .. } => {
+                !fixups.iter().any(|f| &f.path == path && f.mode.is_some())
+            }
+            ext4::Edit::SetOwner { path, .. } => {
+                !fixups.iter().any(|f| &f.path == path && f.owner.is_some())
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+fn add_usage(total: &mut ext4::TreeUsage, more: &ext4::TreeUsage) {
+    total.files += more.files;
+    total.dirs += more.dirs;
+    total.symlinks += more.symlinks;
+    total.others += more.others;
+    total.apparent_bytes += more.apparent_bytes;
+    total.data_blocks += more.data_blocks;
+}
+
+/// The pull's tree and how it was made (for the `extract` stage's detail).
+enum Extracted {
+    /// A tree of the pull's own (a farm, or unpacked into staging).
+    Tree { tree: UnpackedTree, how: String },
+    /// A sound cache entry to build from directly; its lock is held until
+    /// the build is over, so that no other pull of this process discards
+    /// it meanwhile.
+    Cached {
+        entry: Box<CachedTree>,
+        lock: TreeLock,
+        how: String,
+    },
+}
+
+/// Makes the pull's tree at `dest` through the tree cache, or finds the
+/// cached tree of `key` to build from directly (when `warm` and there is a
+/// sound one). Otherwise the layers are unpacked into a new entry and
+/// farmed from it. Builders of one key take turns (the others then find
+/// the entry); a damaged entry is discarded and rebuilt; a farm that cannot
+/// be made here falls back to unpacking into `dest` directly.
+#[allow(clippy::too_many_arguments)]
 async fn extract_via_cache(
     trees: &TreeCache,
     key: &TreeKey,
@@ -369,19 +630,22 @@ async fn extract_via_cache(
     cache: &LayerCache,
     limits: Limits,
     dest: &Path,
+    warm: bool,
     rctx: &RequestCtx,
 ) -> Result<Extracted, ErrorData> {
-    let _lock = trees.lock(key).await;
-    let lookup = {
+    let lock = trees.lock(key).await;
+    let lookup = if warm {
         let (trees, key) = (trees.clone(), key.clone());
         blocking(move || Ok(trees.lookup(&key, &limits))).await?
+    } else {
+        Lookup::Miss
     };
     match lookup {
         Lookup::Hit(entry) => {
             rctx.progress(
                 "extract",
                 format!(
-                    "linking the cached tree {} of {} layers ({} entries)",
+                    "building from the cached tree {} of {} layers ({} entries)",
                     key.short(),
                     layers.len(),
                     entry.entries()
@@ -389,39 +653,11 @@ async fn extract_via_cache(
                 None,
             )
             .await;
-            let started = Instant::now();
-            let farmed = {
-                let (trees, dest) = (trees.clone(), dest.to_path_buf());
-                blocking(move || Ok(trees.farm(&entry, &dest))).await?
-            };
-            match farmed {
-                Ok(tree) => {
-                    return Ok(Extracted {
-                        tree,
-                        how: format!("from the tree cache (linked in {})", ms(started.elapsed())),
-                    })
-                }
-                Err(FarmError::Damaged(why)) => {
-                    tracing::warn!(key = key.hex(), %why, "cached tree damaged; unpacking again");
-                    rctx.progress(
-                        "extract",
-                        format!(
-                            "the cached tree {} is damaged ({why}); unpacking again",
-                            key.short()
-                        ),
-                        None,
-                    )
-                    .await;
-                    trees.discard(key);
-                }
-                Err(FarmError::Unusable(why)) => {
-                    tracing::info!(key = key.hex(), %why, "cannot link the cached tree; unpacking");
-                    return Ok(Extracted {
-                        tree: unpack_into(dest, layers, cache, limits, rctx).await?,
-                        how: format!("tree cache not used: {why}"),
-                    });
-                }
-            }
+            return Ok(Extracted::Cached {
+                entry,
+                lock,
+                how: "from the tree cache (read in place, checked during the build)".into(),
+            });
         }
         Lookup::Damaged(why) => {
             tracing::warn!(key = key.hex(), %why, "cached tree unusable; unpacking again");
@@ -475,7 +711,8 @@ async fn extract_via_cache(
         None => format!("tree cached for later pulls ({times})"),
         Some(note) => format!("tree not cached: {note} ({times})"),
     };
-    Ok(Extracted {
+    drop(lock);
+    Ok(Extracted::Tree {
         tree: committed.tree,
         how,
     })

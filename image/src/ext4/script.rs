@@ -17,6 +17,7 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use super::Edit;
 use crate::unpack::{Fixup, NodeKind};
 
 /// Longest script line written; debugfs reads lines into `BUFSIZ` (8192).
@@ -117,6 +118,98 @@ pub(crate) fn render(fixups: &[Fixup], value_dir: &Path) -> Result<Script, Unscr
     Ok(script)
 }
 
+/// Renders `edits` after whatever `script` holds already; file contents
+/// become value files (`v<N>` inside `value_dir`) that `write` reads.
+/// Paths must be absolute; `write` links its name into the current
+/// directory (a `/` in it would end up inside the name), so files are
+/// written with `cd <parent>` + `write <value> <name>`.
+pub(crate) fn render_edits(
+    script: &mut Script,
+    edits: &[Edit],
+    value_dir: &Path,
+) -> Result<(), Unscriptable> {
+    for edit in edits {
+        let path = edit.path();
+        let bad = || Unscriptable {
+            path: path.to_path_buf(),
+        };
+        if !path.is_absolute() {
+            return Err(bad());
+        }
+        let p = quote(path.as_os_str().as_bytes()).ok_or_else(bad)?;
+        let mut lines: Vec<Vec<Vec<u8>>> = Vec::new();
+        let owner_lines = |lines: &mut Vec<Vec<Vec<u8>>>, (uid, gid): (u32, u32)| {
+            lines.push(vec![
+                b"sif".to_vec(),
+                p.clone(),
+                b"uid".to_vec(),
+                uid.to_string().into_bytes(),
+            ]);
+            lines.push(vec![
+                b"sif".to_vec(),
+                p.clone(),
+                b"gid".to_vec(),
+                gid.to_string().into_bytes(),
+            ]);
+        };
+        let mode_line = |mode: u32| {
+            vec![
+                b"sif".to_vec(),
+                p.clone(),
+                b"mode".to_vec(),
+                format!("0{mode:o}").into_bytes(),
+            ]
+        };
+        match edit {
+            Edit::Mkdir { mode, owner, .. } => {
+                lines.push(vec![b"mkdir".to_vec(), p.clone()]);
+                lines.push(mode_line(0o040000 | (mode & 0o7777)));
+                owner_lines(&mut lines, *owner);
+            }
+            Edit::Write { mode, owner, .. } | Edit::WriteFrom { mode, owner, .. } => {
+                let parent = path.parent().ok_or_else(bad)?;
+                let name = path.file_name().ok_or_else(bad)?;
+                let dir = quote(parent.as_os_str().as_bytes()).ok_or_else(bad)?;
+                let name = quote(name.as_bytes()).ok_or_else(bad)?;
+                let vp = match edit {
+                    Edit::WriteFrom { source, .. } => {
+                        quote(source.as_os_str().as_bytes()).ok_or_else(bad)?
+                    }
+                    Edit::Write { contents, .. } => {
+                        let file = format!("v{}", script.values.len());
+                        let value_path = value_dir.join(&file);
+                        script.values.push((file, contents.clone()));
+                        quote(value_path.as_os_str().as_bytes()).ok_or_else(bad)?
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                lines.push(vec![b"cd".to_vec(), dir]);
+                lines.push(vec![b"write".to_vec(), vp, name]);
+                lines.push(vec![b"cd".to_vec(), b"/".to_vec()]);
+                lines.push(mode_line(0o100000 | (mode & 0o7777)));
+                owner_lines(&mut lines, *owner);
+            }
+            Edit::Symlink { target, owner, .. } => {
+                let t = quote(target.as_os_str().as_bytes()).ok_or_else(bad)?;
+                lines.push(vec![b"symlink".to_vec(), p.clone(), t]);
+                owner_lines(&mut lines, *owner);
+            }
+            Edit::Remove { .. } => lines.push(vec![b"rm".to_vec(), p.clone()]),
+            Edit::SetMode { mode, .. } => lines.push(mode_line(*mode)),
+            Edit::SetOwner { owner, .. } => owner_lines(&mut lines, *owner),
+        }
+        for parts in lines {
+            let line = parts.join(&b' ');
+            if line.len() > MAX_LINE {
+                return Err(bad());
+            }
+            script.text.extend_from_slice(&line);
+            script.text.push(b'\n');
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +287,82 @@ mod tests {
         let mut long = fixup(&format!("/{}", "\"".repeat(4500)));
         long.mode = Some(0o100644);
         assert!(render(&[long], Path::new("/v")).is_err());
+    }
+
+    #[test]
+    fn edits_are_scripted_with_contents_in_value_files() {
+        let edits = vec![
+            Edit::Remove {
+                path: PathBuf::from("/etc/hostname"),
+            },
+            Edit::Write {
+                path: PathBuf::from("/etc/hostname"),
+                contents: b"img\n".to_vec(),
+                mode: 0o644,
+                owner: (0, 0),
+            },
+            Edit::Mkdir {
+                path: PathBuf::from("/root/.ssh"),
+                mode: 0o700,
+                owner: (0, 0),
+            },
+            Edit::Symlink {
+                path: PathBuf::from("/etc/x.wants/a b"),
+                target: PathBuf::from("../a b"),
+                owner: (0, 0),
+            },
+            Edit::SetMode {
+                path: PathBuf::from("/tmp"),
+                mode: 0o041777,
+            },
+        ];
+        let mut s = Script::default();
+        render_edits(&mut s, &edits, Path::new("/w")).expect("renders");
+        let text = String::from_utf8(s.text).expect("utf8");
+        assert_eq!(
+            text,
+            "rm \"/etc/hostname\"\n\
+             cd \"/etc\"\n\
+             write \"/w/v0\" \"hostname\"\n\
+             cd /\n\
+             sif \"/etc/hostname\" mode 0100644\n\
+             sif \"/etc/hostname\" uid 0\n\
+             sif \"/etc/hostname\" gid 0\n\
+             mkdir \"/root/.ssh\"\n\
+             sif \"/root/.ssh\" mode 040700\n\
+             sif \"/root/.ssh\" uid 0\n\
+             sif \"/root/.ssh\" gid 0\n\
+             symlink \"/etc/x.wants/a b\" \"../a b\"\n\
+             sif \"/etc/x.wants/a b\" uid 0\n\
+             sif \"/etc/x.wants/a b\" gid 0\n\
+             sif \"/tmp\" mode 041777\n"
+        );
+        assert_eq!(s.values, vec![("v0".to_owned(), b"img\n".to_vec())]);
+        // A file debugfs reads itself: no value file.
+        let copy = [Edit::WriteFrom {
+            path: PathBuf::from("/usr/local/bin/agent"),
+            source: PathBuf::from("/opt/banger/agent"),
+            mode: 0o755,
+            owner: (0, 0),
+        }];
+        let mut s = Script::default();
+        render_edits(&mut s, &copy, Path::new("/w")).expect("renders");
+        let text = String::from_utf8(s.text).expect("utf8");
+        assert!(
+            text.starts_with(
+                "cd \"/usr/local/bin\"\nwrite \"/opt/banger/agent\" \"agent\"\ncd /\n\
+                 sif \"/usr/local/bin/agent\" mode 0100755\n"
+            ),
+            "{text}"
+        );
+        assert!(s.values.is_empty());
+        let relative = [Edit::Remove {
+            path: PathBuf::from("etc/x"),
+        }];
+        assert!(render_edits(&mut Script::default(), &relative, Path::new("/w")).is_err());
+        let hostile = [Edit::Remove {
+            path: PathBuf::from("/etc/x\ndump / /loot"),
+        }];
+        assert!(render_edits(&mut Script::default(), &hostile, Path::new("/w")).is_err());
     }
 }
