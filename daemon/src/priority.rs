@@ -3,7 +3,8 @@
 //! Linux schedules by autogroup (one per session) when the daemon is not
 //! in a CPU cgroup of its own, so a nice value on the threads alone would
 //! only rank them against each other: the daemon sets both its
-//! autogroup's nice (`/proc/self/autogroup`) and every thread's. VMMs are
+//! autogroup's nice (`/proc/self/autogroup`, when the session is its own)
+//! and every thread's. VMMs are
 //! started in sessions of their own (`setsid`), which gives them fresh
 //! autogroups at 0, and reset their own nice to 0
 //! (`banger_vmm::process::spawn_detached`).
@@ -40,11 +41,19 @@ pub fn apply(nice: i32) -> io::Result<Applied> {
         }
         applied.threads += 1;
     }
-    match std::fs::write("/proc/self/autogroup", nice.to_string()) {
-        Ok(()) => applied.autogroup = true,
-        // No autogroup support in this kernel.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    // The autogroup is the session's: only a daemon in a session of its
+    // own (started by the CLI, which calls setsid, or by systemd) may set
+    // it. A bangerd run from a shell shares the shell's, and must not
+    // raise the whole terminal session.
+    // SAFETY: getsid and getpid have no preconditions.
+    let session_leader = unsafe { libc::getsid(0) == libc::getpid() };
+    if session_leader {
+        match std::fs::write("/proc/self/autogroup", nice.to_string()) {
+            Ok(()) => applied.autogroup = true,
+            // No autogroup support in this kernel.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(applied)
 }

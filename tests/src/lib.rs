@@ -686,6 +686,17 @@ pub fn usable_group() -> nix::unistd::Group {
         .expect("at least the primary group has a name in /etc/group")
 }
 
+/// Whether process `pid` leads its own session (field 6 of its stat).
+pub fn session_leader(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = stat[stat.rfind(')')? + 2..].to_string();
+            after.split_whitespace().nth(3)?.parse::<u32>().ok()
+        })
+        == Some(pid)
+}
+
 /// The nice value of every thread of process `pid`, and its autogroup's
 /// nice value where the kernel has autogroups.
 pub fn nice_values(pid: u32) -> (Vec<i32>, Option<i32>) {

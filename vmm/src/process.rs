@@ -159,19 +159,9 @@ pub fn spawn_detached(mut cmd: Command, output: &Path) -> Result<ProcessId, VmmE
         source,
     })?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: setsid and setpriority are async-signal-safe and touch no
-    // Rust state.
+    // SAFETY: own_session only makes async-signal-safe calls.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // bangerd may run at a raised priority (its `nice`); the guest
-            // runs at the default one, in the fresh autogroup setsid gave
-            // it. Raising a nice value is always allowed.
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-            Ok(())
-        });
+        cmd.pre_exec(own_session);
     }
     let child = cmd.spawn().map_err(|source| VmmError::Spawn {
         binary: binary.clone(),
@@ -193,6 +183,23 @@ pub fn spawn_detached(mut cmd: Command, output: &Path) -> Result<ProcessId, VmmE
             })
         }
     }
+}
+
+/// For `pre_exec` of a child that must outlive and ignore bangerd: a
+/// session of its own (so signals to bangerd's process group and
+/// bangerd's death do not reach it; its own process group for killing it
+/// whole; its own autogroup) at nice 0, the default priority, whatever
+/// bangerd runs at (its `nice`). Raising a nice value is always allowed.
+/// Only async-signal-safe calls.
+pub fn own_session() -> std::io::Result<()> {
+    // SAFETY: setsid and setpriority touch no Rust state.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+    }
+    Ok(())
 }
 
 /// The last `max` bytes of a log file, lossily decoded (for error messages).

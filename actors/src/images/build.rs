@@ -135,18 +135,12 @@ async fn mmdebstrap(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: setsid and setpriority are async-signal-safe.
+    // Its own session (and so process group, for `GroupGuard`, and
+    // autogroup) at nice 0: a build is minutes of CPU that must not
+    // inherit bangerd's raised priority.
+    // SAFETY: own_session only makes async-signal-safe calls.
     unsafe {
-        // Its own session (and so process group, for `GroupGuard`, and
-        // autogroup) at nice 0: a build is minutes of CPU that must not
-        // inherit bangerd's raised priority.
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
-            Ok(())
-        });
+        cmd.pre_exec(banger_vmm::process::own_session);
     }
     if !nix::unistd::geteuid().is_root() {
         cmd.arg("--mode=unshare");

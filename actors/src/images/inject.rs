@@ -415,6 +415,22 @@ impl PlanTree {
         }
     }
 
+    /// `path` resolved, for a new entry: nothing there yet, and its
+    /// parent a directory.
+    fn free_slot(&self, path: &str) -> std::io::Result<String> {
+        let resolved = self.resolve(path)?;
+        if self.kind_resolved(&resolved).is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("/{path} exists"),
+            ));
+        }
+        if !self.parent_is_dir(&resolved) {
+            return Err(not_found(path));
+        }
+        Ok(resolved)
+    }
+
     fn parent_is_dir(&self, resolved: &str) -> bool {
         match resolved.rsplit_once('/') {
             None => true,
@@ -527,16 +543,7 @@ impl Target for PlanTree {
     }
 
     fn create_file(&mut self, path: &str, contents: &[u8], mode: u32) -> std::io::Result<()> {
-        let resolved = self.resolve(path)?;
-        if self.kind_resolved(&resolved).is_some() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("/{path} exists"),
-            ));
-        }
-        if !self.parent_is_dir(&resolved) {
-            return Err(not_found(path));
-        }
+        let resolved = self.free_slot(path)?;
         self.edits.push(Edit::Write {
             path: image_path(&resolved),
             contents: contents.to_vec(),
@@ -616,16 +623,7 @@ impl Target for PlanTree {
     }
 
     fn symlink(&mut self, target: &str, link: &str) -> std::io::Result<()> {
-        let resolved = self.resolve(link)?;
-        if self.kind_resolved(&resolved).is_some() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("/{link} exists"),
-            ));
-        }
-        if !self.parent_is_dir(&resolved) {
-            return Err(not_found(link));
-        }
+        let resolved = self.free_slot(link)?;
         self.edits.push(Edit::Symlink {
             path: image_path(&resolved),
             target: PathBuf::from(target),
