@@ -556,16 +556,7 @@ impl Target for PlanTree {
     }
 
     fn copy_file(&mut self, path: &str, source: &Path, mode: u32) -> std::io::Result<()> {
-        let resolved = self.resolve(path)?;
-        if self.kind_resolved(&resolved).is_some() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("/{path} exists"),
-            ));
-        }
-        if !self.parent_is_dir(&resolved) {
-            return Err(not_found(path));
-        }
+        let resolved = self.free_slot(path)?;
         if !std::fs::metadata(source)?.is_file() {
             return Err(std::io::Error::other(format!(
                 "{} is not a file",
