@@ -270,33 +270,10 @@ pub async fn build_rootfs(
         Ok((usage, fixups))
     })
     .await?;
-    let measured = std::time::Instant::now();
-    let size = size.unwrap_or_else(|| default_size(usage.tree_bytes()).max(required_size(&usage)));
-    let inodes = make_fs(&tree.root, out, size, "rootfs", &usage).await?;
-    let made = std::time::Instant::now();
-    if let Err(e) = apply_fixups(out, &fixups, &[]).await {
-        let _ = tokio::fs::remove_file(out).await;
-        return Err(e);
-    }
-    let timings = BuildTimings {
-        measure: measured - started,
-        mkfs: made - measured,
-        fixups: made.elapsed(),
-    };
-    tracing::info!(
-        size,
-        fixups = fixups.len(),
-        ?timings,
-        "root filesystem built"
-    );
-    Ok(Ext4Stats {
-        size,
-        tree_bytes: usage.tree_bytes(),
-        usage,
-        inodes,
-        fixups: fixups.len(),
-        timings,
-    })
+    let measure = started.elapsed();
+    let mut stats = build_rootfs_from(&tree.root, usage, &fixups, &[], out, size).await?;
+    stats.timings.measure = measure;
+    Ok(stats)
 }
 
 /// Builds an ext4 image of `size` bytes from `dir` (no fixups), e.g. the
@@ -346,7 +323,7 @@ pub async fn build_rootfs_from(
         fixups = fixups.len(),
         edits = edits.len(),
         ?timings,
-        "root filesystem built from a cached tree"
+        "root filesystem built"
     );
     Ok(Ext4Stats {
         size,
