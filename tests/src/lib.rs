@@ -686,15 +686,22 @@ pub fn usable_group() -> nix::unistd::Group {
         .expect("at least the primary group has a name in /etc/group")
 }
 
+/// Field `n` (counting from 1, as proc(5) does; 3 or later) of a `stat`
+/// file. The command name (field 2) may hold spaces and ends at the last
+/// ')'.
+fn stat_field<T: std::str::FromStr>(stat_path: &Path, n: usize) -> Option<T> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)?
+        .parse()
+        .ok()
+}
+
 /// Whether process `pid` leads its own session (field 6 of its stat).
 pub fn session_leader(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after = stat[stat.rfind(')')? + 2..].to_string();
-            after.split_whitespace().nth(3)?.parse::<u32>().ok()
-        })
-        == Some(pid)
+    stat_field::<u32>(Path::new(&format!("/proc/{pid}/stat")), 6) == Some(pid)
 }
 
 /// The nice value of every thread of process `pid`, and its autogroup's
@@ -703,17 +710,7 @@ pub fn nice_values(pid: u32) -> (Vec<i32>, Option<i32>) {
     let mut threads = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            // Field 19, counting from the pid; the command name (field 2)
-            // may hold spaces and ends at the last ')'.
-            let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-            if let Some(nice) = after
-                .split_whitespace()
-                .nth(16)
-                .and_then(|n| n.parse().ok())
-            {
+            if let Some(nice) = stat_field(&task.path().join("stat"), 19) {
                 threads.push(nice);
             }
         }

@@ -280,12 +280,7 @@ pub async fn build(
     };
 
     let started = Instant::now();
-    rctx.progress(
-        "inject",
-        "SSH key, hostname, network bootstrap".into(),
-        None,
-    )
-    .await;
+    super::announce_inject(rctx).await;
     let key = inject::ensure_ssh_key(&settings.config_dir)?;
     let metadata = serde_json::json!({"name": name, "source": "build", "suite": suite, "packages": packages, "kernel": kernel.name});
     let (t, n, agent) = (tree.clone(), name.clone(), settings.agent_path.clone());

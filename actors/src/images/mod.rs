@@ -247,6 +247,16 @@ pub async fn build_work_seed(tree: &Path, staging: &Path) -> Result<PathBuf, Err
 }
 
 /// The publication window: name check, atomic rename, durable record.
+/// Announces the `inject` stage (the same words for pulls and builds).
+pub(crate) async fn announce_inject(rctx: &crate::router::dispatch::RequestCtx) {
+    rctx.progress(
+        "inject",
+        "SSH key, hostname, network bootstrap".into(),
+        None,
+    )
+    .await;
+}
+
 async fn publish(
     state: &mut ImagesState,
     staged: StagedImage,

@@ -368,12 +368,7 @@ async fn build_from_tree(
 ) -> Result<(ext4::Ext4Stats, inject::Injected), ErrorData> {
     let rctx = ctx.rctx;
     let stage_started = Instant::now();
-    rctx.progress(
-        "inject",
-        "SSH key, hostname, network bootstrap".into(),
-        None,
-    )
-    .await;
+    super::announce_inject(rctx).await;
     let (tree_path, inject_name) = (tree.root.clone(), ctx.name.to_string());
     let (key, metadata) = (ctx.key.clone(), ctx.metadata.clone());
     let agent = ctx.agent.map(Path::to_path_buf);
@@ -449,12 +444,7 @@ async fn build_from_cache(
     let rctx = ctx.rctx;
     let tree_dir = entry.tree_dir();
     let stage_started = Instant::now();
-    rctx.progress(
-        "inject",
-        "SSH key, hostname, network bootstrap".into(),
-        None,
-    )
-    .await;
+    super::announce_inject(rctx).await;
     let planned = {
         let (tree_dir, name) = (tree_dir.clone(), ctx.name.to_string());
         let (key, metadata) = (ctx.key.clone(), ctx.metadata.clone());

@@ -158,25 +158,12 @@ impl QemuBackend {
     ) -> Result<(QmpClient, EventSource), VmmError> {
         let timeout = self.startup_timeout;
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            if !pid.is_alive() {
-                // Reported as EarlyExit by the caller.
-                return Err(VmmError::Control(io::Error::other("QEMU exited")));
-            }
-            match UnixStream::connect(&paths.qmp).await {
-                Ok(stream) => break stream,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                    ) => {}
-                Err(e) => return Err(VmmError::Control(e)),
-            }
-            if Instant::now() >= deadline {
-                return Err(VmmError::SocketTimeout(timeout));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let stream = tokio::time::timeout(
+            timeout,
+            connect_when_listening(&paths.qmp, pid, Duration::from_millis(20)),
+        )
+        .await
+        .map_err(|_| VmmError::SocketTimeout(timeout))??;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let control = async {
             let mut qmp = tokio::time::timeout(remaining, QmpClient::handshake(stream))
@@ -192,20 +179,9 @@ impl QemuBackend {
         let events = async {
             // Its socket may appear a moment after the control one.
             let connect = async {
-                loop {
-                    match UnixStream::connect(&paths.events).await {
-                        Ok(stream) => return QmpClient::handshake(stream).await,
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                            ) =>
-                        {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        Err(e) => return Err(VmmError::Control(e)),
-                    }
-                }
+                let stream =
+                    connect_when_listening(&paths.events, pid, Duration::from_millis(5)).await?;
+                QmpClient::handshake(stream).await
             };
             match tokio::time::timeout(QMP_TIMEOUT, connect).await {
                 Ok(Ok(client)) => EventSource::Connected(client),
@@ -231,6 +207,32 @@ impl QemuBackend {
             )));
         }
         Ok((qmp, events))
+    }
+}
+
+/// Connects to a socket QEMU makes while it starts, trying every `every`
+/// while the socket is missing or not listening yet and QEMU lives (the
+/// caller bounds the wait).
+async fn connect_when_listening(
+    path: &Path,
+    pid: ProcessId,
+    every: Duration,
+) -> Result<UnixStream, VmmError> {
+    loop {
+        if !pid.is_alive() {
+            // Reported as EarlyExit by the caller.
+            return Err(VmmError::Control(io::Error::other("QEMU exited")));
+        }
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => return Err(VmmError::Control(e)),
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
