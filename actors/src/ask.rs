@@ -41,20 +41,26 @@ where
 {
     match actor.call(build, Some(timeout)).await {
         Ok(CallResult::Success(value)) => Ok(value),
-        Ok(CallResult::Timeout) => Err(ErrorData::new(
-            ErrorKind::Timeout,
-            format!(
-                "the {name} actor did not answer within {}s",
-                timeout.as_secs_f32()
-            ),
-        )
-        .with_hint("see `banger daemon logs`; the request can be retried")),
+        Ok(CallResult::Timeout) => Err(timed_out(name, timeout)),
         Ok(CallResult::SenderError) => Err(unavailable(name, "stopped before answering")),
         Err(_) => Err(unavailable(name, "is not running")),
     }
 }
 
-fn unavailable(name: &str, what: &str) -> ErrorData {
+/// The error of an actor that did not answer within `timeout`.
+pub(crate) fn timed_out(name: &str, timeout: Duration) -> ErrorData {
+    ErrorData::new(
+        ErrorKind::Timeout,
+        format!(
+            "the {name} actor did not answer within {}s",
+            timeout.as_secs_f32()
+        ),
+    )
+    .with_hint("see `banger daemon logs`; the request can be retried")
+}
+
+/// The error of an actor that is not running or stopped before answering.
+pub(crate) fn unavailable(name: &str, what: &str) -> ErrorData {
     ErrorData::new(ErrorKind::Unavailable, format!("the {name} actor {what}"))
         .with_hint("its supervisor restarts it within moments; retry the command")
 }

@@ -389,22 +389,18 @@ impl StoreClient {
             let (tx, rx) = ractor::concurrency::oneshot();
             actor
                 .cast(put_msg(tree, key, value, tx.into()))
-                .map_err(|_| stopped())?;
+                .map_err(|_| crate::ask::unavailable(names::STORE, "is not running"))?;
             Ok(rx)
         });
         let timeout = self.timeout;
         async move {
             match tokio::time::timeout(timeout, sent?).await {
                 Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(stopped()),
-                Err(_) => Err(ErrorData::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "the store actor did not answer within {}s",
-                        timeout.as_secs_f32()
-                    ),
-                )
-                .with_hint("see `banger daemon logs`; the request can be retried")),
+                Ok(Err(_)) => Err(crate::ask::unavailable(
+                    names::STORE,
+                    "stopped before answering",
+                )),
+                Err(_) => Err(crate::ask::timed_out(names::STORE, timeout)),
             }
         }
     }
@@ -502,14 +498,6 @@ impl StoreClient {
         )
         .await?
     }
-}
-
-fn stopped() -> ErrorData {
-    ErrorData::new(
-        ErrorKind::Unavailable,
-        "the store actor stopped before answering",
-    )
-    .with_hint("its supervisor restarts it within moments; retry the command")
 }
 
 pub fn encode_record<T: Serialize>(value: &T) -> Result<Vec<u8>, ErrorData> {
