@@ -5,9 +5,9 @@
 //! only rank them against each other: the daemon sets both its
 //! autogroup's nice (`/proc/self/autogroup`, when the session is its own)
 //! and every thread's. VMMs are
-//! started in sessions of their own (`setsid`), which gives them fresh
-//! autogroups at 0, and reset their own nice to 0
-//! (`banger_vmm::process::spawn_detached`).
+//! started in sessions of their own (`POSIX_SPAWN_SETSID`), which gives
+//! them fresh autogroups at 0, from a thread set to nice 0, whose nice
+//! value they take (`banger_vmm::process::spawn_detached`).
 
 use std::io;
 

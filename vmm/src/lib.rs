@@ -18,6 +18,7 @@ pub mod exit;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;
+mod spawn;
 
 use std::fmt;
 use std::path::PathBuf;
