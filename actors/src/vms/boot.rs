@@ -325,10 +325,13 @@ async fn boot_steps(
     report: &(impl Fn(BootFact) + Send + Sync),
     made: &mut Made,
 ) -> Result<Booted, ErrorData> {
-    let disks = prepare_disks(&rec, settings, log).await?;
     let timeout = Duration::from_secs(30);
-
-    if settings.network && rec.ip.is_some() {
+    // The disks and the TAP do not depend on each other: the TAP pool's
+    // durable write of the hand-out runs while the disks are made.
+    let network = async {
+        if !(settings.network && rec.ip.is_some()) {
+            return Ok(None);
+        }
         let t = Instant::now();
         let owner = format!("vm:{}", rec.name);
         let acquired = ask(
@@ -337,6 +340,12 @@ async fn boot_steps(
             timeout,
         )
         .await??;
+        Ok::<_, ErrorData>(Some((acquired, t)))
+    };
+    let (disks, network) = tokio::join!(prepare_disks(&rec, settings, log), network);
+    // Recorded before any error is returned, so a failed disk gives the
+    // TAP back.
+    if let Some((acquired, t)) = network? {
         made.tap = Some(acquired.tap.clone());
         report(BootFact::Tap(acquired.tap.clone()));
         log.stage_done(
@@ -354,6 +363,7 @@ async fn boot_steps(
         );
         rec.tap = Some(acquired.tap);
     }
+    let disks = disks?;
 
     let t = Instant::now();
     let spec = machine_spec(&rec, settings, disks);
