@@ -30,6 +30,7 @@ pub mod wait;
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -88,6 +89,8 @@ pub struct TestDaemonBuilder {
     /// for a test that prepares the daemon's surroundings first, e.g. a
     /// private mount namespace.
     wrapper: Option<PathBuf>,
+    /// Start `bangerd` in a session of its own (see [`Self::own_session`]).
+    own_session: bool,
 }
 
 impl TestDaemonBuilder {
@@ -102,6 +105,17 @@ impl TestDaemonBuilder {
     /// namespace with `netns()`).
     pub fn wrapper(mut self, program: impl Into<PathBuf>) -> Self {
         self.wrapper = Some(program.into());
+        self
+    }
+
+    /// Starts `bangerd` as the leader of a session of its own, as the CLI's
+    /// auto-start and systemd do, so it also sets its autogroup's nice
+    /// value (see `daemon/src/priority.rs`). Without it the daemon shares
+    /// the test's session and autogroup, which competes with every VMM
+    /// (each has a session and autogroup of its own) as one equal group:
+    /// benchmarks use this to measure the daemon as users run it.
+    pub fn own_session(mut self) -> Self {
+        self.own_session = true;
         self
     }
 
@@ -142,6 +156,7 @@ impl TestDaemonBuilder {
             launches: 0,
             netns,
             wrapper: self.wrapper,
+            own_session: self.own_session,
         };
         let path = daemon.paths().config_file();
         fs::create_dir_all(path.parent().expect("config dir")).expect("create config dir");
@@ -178,6 +193,7 @@ pub struct TestDaemon {
     /// Dropped after the daemon is killed (`Drop` runs before the fields).
     netns: Option<netns::NetNs>,
     wrapper: Option<PathBuf>,
+    own_session: bool,
 }
 
 impl TestDaemon {
@@ -375,6 +391,19 @@ impl TestDaemon {
         let stdout = stderr.try_clone().expect("dup stderr log");
         let mut cmd = self.bangerd_command();
         cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        if self.own_session {
+            // `ip netns exec` and a wrapper exec the daemon in the same
+            // process, so it stays the session's leader.
+            // SAFETY: setsid is async-signal-safe and touches no Rust state.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));

@@ -14,7 +14,7 @@ use banger_protocol::{
 
 use crate::artifacts::{boot_kernel, busybox_layers, pull, pull_request, run};
 use crate::oci::{config_json, push_list};
-use crate::{error_chain, TestDaemon};
+use crate::{error_chain, TestDaemon, TestDaemonBuilder};
 
 pub const BOOT: Duration = Duration::from_secs(300);
 pub const SHORT: Duration = Duration::from_secs(60);
@@ -32,6 +32,12 @@ pub async fn busybox_setup() -> (TestDaemon, TestRegistry, String) {
 /// [`busybox_setup`] with another daemon config (e.g. [`vm_config`] plus
 /// more `[vm]` keys).
 pub async fn busybox_setup_with_config(config: &str) -> (TestDaemon, TestRegistry, String) {
+    busybox_setup_with(TestDaemon::builder().config(config)).await
+}
+
+/// [`busybox_setup`] with a daemon from `builder` (which this puts in a
+/// network namespace of its own).
+pub async fn busybox_setup_with(builder: TestDaemonBuilder) -> (TestDaemon, TestRegistry, String) {
     let reg = TestRegistry::start();
     let blobs = busybox_layers("vm");
     reg.push_image(
@@ -41,7 +47,7 @@ pub async fn busybox_setup_with_config(config: &str) -> (TestDaemon, TestRegistr
         &config_json("amd64"),
     )
     .await;
-    let d = TestDaemon::builder().netns().config(config).start();
+    let d = builder.netns().start();
     let inside = d.netns().expect("netns").forward_to_host(reg.addr());
     let reference = format!("{inside}/tools/busyvm:1.0");
     let mut c = d.client().await;

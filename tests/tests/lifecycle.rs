@@ -166,6 +166,16 @@ async fn the_daemon_runs_at_its_configured_priority() {
     let out = d.banger(["daemon", "stop"]);
     assert!(out.status.success(), "daemon stop: {}", describe(&out));
 
+    // The harness's own_session (what the benchmarks use) starts it the
+    // same way: a session leader that sets its autogroup.
+    let d = TestDaemon::builder().own_session().start();
+    ping(&d).await;
+    assert!(banger_tests::session_leader(d.pid()));
+    if std::path::Path::new("/proc/self/autogroup").exists() {
+        assert_eq!(banger_tests::nice_values(d.pid()).1, Some(-10));
+    }
+    drop(d);
+
     // Out of range: refused, naming the key.
     let d = TestDaemon::builder().config("nice = -21\n").prepare();
     let out = d.run_second_instance(Duration::from_secs(20));

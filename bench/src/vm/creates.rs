@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail};
 use banger_image::testing::TestRegistry;
 use banger_protocol::client::{Client, ClientError};
 use banger_protocol::{ErrorKind, Request, Response, VmCreateRequest, VmInfo};
-use banger_tests::vm::busybox_setup_with_config;
+use banger_tests::vm::busybox_setup_with;
 use banger_tests::{error_chain, TestDaemon};
 use futures::FutureExt as _;
 use tokio::task::JoinSet;
@@ -57,16 +57,19 @@ fn config(accel: &str, pool: u32) -> String {
 }
 
 /// Starts the daemon in a namespace, imports the host kernel and pulls
-/// the busybox image (`banger_tests::vm::busybox_setup_with_config`; its
+/// the busybox image (`banger_tests::vm::busybox_setup_with`; its
 /// panics, with their messages already printed, become errors).
 pub async fn setup(accel: &str, pool: u32) -> anyhow::Result<Setup> {
     let text = config(accel, pool);
-    let (daemon, registry, image) = std::panic::AssertUnwindSafe(busybox_setup_with_config(&text))
-        .catch_unwind()
-        .await
-        .map_err(|_| {
-            anyhow!("setting up the daemon and the busybox image failed (see the message above)")
-        })?;
+    let (daemon, registry, image) = std::panic::AssertUnwindSafe(busybox_setup_with(
+        // A session of its own, as the CLI's auto-start and systemd run it.
+        TestDaemon::builder().own_session().config(text),
+    ))
+    .catch_unwind()
+    .await
+    .map_err(|_| {
+        anyhow!("setting up the daemon and the busybox image failed (see the message above)")
+    })?;
     Ok(Setup {
         daemon,
         _registry: registry,

@@ -94,7 +94,8 @@ pub async fn measure(runs: u32, accel: &str) -> anyhow::Result<SshRuns> {
              apt-get install -y mmdebstrap, or pass --skip-ssh"
         );
     }
-    let builder = TestDaemon::builder().config(config(accel));
+    // A session of its own, as the CLI's auto-start and systemd run it.
+    let builder = TestDaemon::builder().own_session().config(config(accel));
     let mut daemon = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.start()))
         .map_err(|_| anyhow!("bangerd did not start (see the message above)"))?;
     note(format!(
