@@ -1,23 +1,27 @@
-//! What is answered how (see `docs/dns.md`): one decoded request in, one
-//! [`Decision`] out. Pure and synchronous: hickory-server reads and decodes
-//! the messages and writes the responses (`server.rs`); this module decides
-//! the response code, the flags and which records go in.
+//! What is answered how (see `docs/dns.md`): one message in, one
+//! [`Decision`] out. Pure and synchronous: [`decode`] turns bytes into a
+//! request (with hickory-proto), [`respond`] decides the response code, the
+//! flags and which records go in, and [`Reply::message`] is the response
+//! for hickory-server's encoder. Reading and writing sockets is `udp.rs`
+//! and `server.rs`.
 //!
-//! The question is echoed exactly as it arrived (hickory-server copies its
-//! bytes), case included, for clients that use the 0x20 bit; answer records
-//! carry the question's spelling too, so `WeB.Vm.` gets `WeB.Vm. A …`.
+//! The question is echoed exactly as it arrived (hickory-server's `Queries`
+//! keeps its bytes), case included, for clients that use the 0x20 bit;
+//! answer records carry the question's spelling too, so `WeB.Vm.` gets
+//! `WeB.Vm. A …`.
 
 use std::iter;
-use std::net::SocketAddr;
 use std::sync::LazyLock;
 
-use hickory_proto::op::{Edns, Header, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{
+    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use hickory_proto::serialize::binary::{
+    BinDecodable, BinDecoder, BinEncodable, BinEncoder, DecodeError,
+};
 use hickory_proto::ProtoError;
-use hickory_server::net::xfer::Protocol;
-use hickory_server::server::Request;
 use hickory_server::zone_handler::{
     MessageRequest, MessageResponse, MessageResponseBuilder, Queries,
 };
@@ -77,6 +81,9 @@ pub(crate) enum Dropped {
     NotAQuery,
     /// The client is over its query rate (UDP).
     OverRate,
+    /// The source cannot be answered: port 0, or an unspecified or
+    /// broadcast address (UDP; what hickory-server's `Server` refuses).
+    Unanswerable,
     /// Handling the request panicked (a bug).
     Panicked,
 }
@@ -184,6 +191,40 @@ impl Reply {
     }
 }
 
+/// Encodes `reply` into `out` (cleared first) as hickory-server encodes a
+/// UDP response: at most `max` bytes, records that do not fit left out
+/// with the TC bit set. If encoding fails, `out` holds a bare SERVFAIL
+/// with the request's id instead and the error is returned (for the log).
+pub(crate) fn encode(
+    reply: &Reply,
+    question: &Queries,
+    edns: &Edns,
+    zone: &Zone,
+    records: &Snapshot,
+    max: u16,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtoError> {
+    out.clear();
+    let mut encoder = BinEncoder::new(out);
+    encoder.set_max_size(max);
+    let error = match reply
+        .message(question, edns, zone, records)
+        .destructive_emit(&mut encoder)
+    {
+        Ok(_) => return Ok(()),
+        Err(error) => error,
+    };
+    out.clear();
+    let mut metadata = Metadata::new(reply.meta.id, MessageType::Response, OpCode::Query);
+    metadata.response_code = ResponseCode::ServFail;
+    let header = Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    };
+    header.emit(&mut BinEncoder::new(out))?;
+    Err(error)
+}
+
 /// Everything a decision needs besides the request.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Context<'a> {
@@ -196,23 +237,57 @@ pub(crate) struct Context<'a> {
 /// Decodes one message the way hickory-server's `Server` does before it
 /// calls a handler: nothing for a message shorter than a header, FORMERR
 /// (from the header) for one that cannot be decoded, and nothing when that
-/// header says it is a response. Over UDP hickory-server does this itself;
-/// the TCP connections in `server.rs` call this.
-#[allow(clippy::result_large_err)] // as `Decision`; `Request` is as large
-pub(crate) fn decode(
-    raw: Vec<u8>,
-    src: SocketAddr,
-    protocol: Protocol,
-) -> Result<Request, Decision> {
-    let Ok(header) = Header::read(&mut BinDecoder::new(&raw)) else {
+/// header says it is a response. Reads `raw` in place: the UDP loop
+/// (`udp.rs`) decodes from its receive buffers, the TCP connections
+/// (`server.rs`) from hickory-server's frames.
+#[allow(clippy::result_large_err)] // as `Decision`; `MessageRequest` is as large
+pub(crate) fn decode(raw: &[u8]) -> Result<MessageRequest, Decision> {
+    let mut decoder = BinDecoder::new(raw);
+    let Ok(header) = Header::read(&mut decoder) else {
         return Err(Decision::Drop(Dropped::TooShort(raw.len())));
     };
-    Request::from_bytes(raw, src, protocol).map_err(|error| {
+    read_request(&mut decoder, header).map_err(|error| {
         if header.metadata.message_type == MessageType::Response {
             Decision::Drop(Dropped::NotAQuery)
         } else {
-            Decision::Reply(Reply::formerr(&header.metadata, Malformed::Decode(error)))
+            Decision::Reply(Reply::formerr(
+                &header.metadata,
+                Malformed::Decode(error.into()),
+            ))
         }
+    })
+}
+
+/// The body of a request after its header: what hickory-server's
+/// `MessageRequest::read` does (crate-private there, and only reachable
+/// through `Request::from_bytes`, which wants the bytes as an owned `Vec`).
+/// The tests hold the two to the same result.
+fn read_request(
+    decoder: &mut BinDecoder<'_>,
+    header: Header,
+) -> Result<MessageRequest, DecodeError> {
+    let Header {
+        mut metadata,
+        counts,
+    } = header;
+    let op = metadata.op_code;
+    let queries = Queries::read(decoder, usize::from(counts.queries))?;
+    let (answers, _, _) = Message::read_records(decoder, usize::from(counts.answers), false, op)?;
+    let (authorities, _, _) =
+        Message::read_records(decoder, usize::from(counts.authorities), false, op)?;
+    let (additionals, edns, signature) =
+        Message::read_records(decoder, usize::from(counts.additionals), true, op)?;
+    if let Some(edns) = &edns {
+        metadata.merge_response_code(edns.rcode_high());
+    }
+    Ok(MessageRequest {
+        metadata,
+        queries,
+        answers,
+        authorities,
+        additionals,
+        signature,
+        edns,
     })
 }
 
@@ -313,7 +388,12 @@ mod tests {
     use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::rdata::NS;
     use hickory_proto::rr::Name;
-    use hickory_proto::serialize::binary::BinEncoder;
+    use std::net::SocketAddr;
+
+    use hickory_server::net::xfer::Protocol;
+    use hickory_server::server::Request;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     use super::*;
     use crate::Records;
@@ -343,8 +423,7 @@ mod tests {
                 records: &snapshot,
                 max_request: 4096,
             };
-            let from = SocketAddr::from((Ipv4Addr::LOCALHOST, 5353));
-            let (decision, parsed) = match decode(request.to_vec(), from, Protocol::Udp) {
+            let (decision, parsed) = match decode(request) {
                 Ok(parsed) => (respond(&cx, &parsed, request.len()), Some(parsed)),
                 Err(decision) => (decision, None),
             };
@@ -655,5 +734,71 @@ mod tests {
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
         let r = f.ask(&query("db.vm.", RecordType::A));
         assert_eq!(r.answers[0].data, RData::A(A(WEB)));
+    }
+
+    /// Our in-place decoder and hickory-server's (`Request::from_bytes`,
+    /// what its `Server` used on UDP) agree on every message: the same
+    /// request, or both fail.
+    #[test]
+    fn decode_matches_hickory_servers_decoder() {
+        let from = SocketAddr::from((Ipv4Addr::LOCALHOST, 5353));
+        let mut v1 = with_edns(query("web.vm.", RecordType::A));
+        v1.edns.as_mut().expect("edns").set_version(1);
+        let mut two = query("web.vm.", RecordType::A);
+        two.add_query(Query::query(
+            Name::from_ascii("db.vm.").expect("name"),
+            RecordType::AAAA,
+        ));
+        let mut answers = query("web.vm.", RecordType::A);
+        answers.add_answer(Record::from_rdata(
+            Name::from_ascii("web.vm.").expect("name"),
+            5,
+            RData::A(A(WEB)),
+        ));
+        let samples: Vec<Vec<u8>> = [
+            query("web.vm.", RecordType::A),
+            query("WeB.Vm.", RecordType::AAAA),
+            with_edns(query("example.com.", RecordType::MX)),
+            v1,
+            two,
+            answers,
+        ]
+        .iter()
+        .map(|m| m.to_vec().expect("encode"))
+        .collect();
+        let mut rng = StdRng::seed_from_u64(0xdec0de);
+        let mut inputs = Vec::new();
+        for sample in &samples {
+            for len in 0..=sample.len() {
+                inputs.push(sample[..len].to_vec());
+            }
+            for _ in 0..500 {
+                let mut p = sample.clone();
+                for _ in 0..rng.gen_range(1..=3) {
+                    let at = rng.gen_range(0..p.len());
+                    p[at] = rng.gen();
+                }
+                inputs.push(p);
+            }
+        }
+        let (mut decoded, mut failed) = (0, 0);
+        for raw in &inputs {
+            match (
+                decode(raw),
+                Request::from_bytes(raw.clone(), from, Protocol::Udp),
+            ) {
+                (Ok(ours), Ok(theirs)) => {
+                    assert_eq!(ours, *theirs, "{raw:?}");
+                    decoded += 1;
+                }
+                (Err(_), Err(_)) => failed += 1,
+                (ours, theirs) => panic!("{raw:?}: ours {ours:?}, hickory {:?}", theirs.err()),
+            }
+        }
+        // Both kinds were exercised.
+        assert!(
+            decoded > 100 && failed > 100,
+            "{decoded} decoded, {failed} failed"
+        );
     }
 }

@@ -2,12 +2,14 @@
 //! VM's IPv4 address. The daemon's Dns actor owns one [`DnsServer`] and
 //! keeps its [`Records`] in step with the VMs; everything else is in here.
 //!
-//! - `answer`: one decoded request in, one response decision out (what is
-//!   answered how).
+//! - `answer`: decoding a request, deciding the response (what is answered
+//!   how), encoding it.
 //! - `records`: the record map; writers publish immutable snapshots.
-//! - `server`: hickory-server's `Server` on UDP and our capped TCP acceptor,
-//!   both calling one hickory-server `RequestHandler`; per-client limits,
-//!   shutdown.
+//! - `server`: the `dns` thread, what UDP and TCP share (per-client limits,
+//!   counters, logging), the capped TCP acceptor on hickory-server's TCP
+//!   pieces, shutdown.
+//! - `udp`: our UDP loop, batched with `recvmmsg`/`sendmmsg` (why ours:
+//!   measured cost per query, see there).
 //! - `limit`: per-client token buckets and rate-limited logging.
 //! - `name`: name validation and case-insensitive keys.
 //!
@@ -18,6 +20,7 @@ mod limit;
 mod name;
 mod records;
 mod server;
+mod udp;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -68,8 +71,8 @@ pub struct Limits {
     /// included: hickory-server's per-connection timeout.
     pub tcp_idle_timeout: Duration,
     /// Larger requests get FORMERR (bytes; DNS queries are well under 512).
-    /// Over UDP the limit is at most 4095: hickory-server cuts datagrams
-    /// at 4096 bytes.
+    /// Over UDP the limit is at most 4095: the UDP loop keeps 4096 bytes of
+    /// a datagram.
     pub max_request_size: usize,
 }
 

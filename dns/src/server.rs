@@ -1,27 +1,30 @@
 //! Serving: a [`DnsServer`] is a thread of its own (`dns`, a current-thread
-//! tokio runtime) running hickory-server's [`Server`] on the UDP socket and
-//! a TCP acceptor of ours, both feeding one [`Handler`] (a hickory-server
-//! [`RequestHandler`]). The daemon's Dns actor starts it, keeps the
-//! [`Records`] handle, and shuts it down (or drops it).
+//! tokio runtime) running our UDP loop (`udp.rs`) and our TCP acceptor,
+//! both deciding through one [`Handler`]. The daemon's Dns actor starts it,
+//! keeps the [`Records`] handle, and shuts it down (or drops it).
 //!
-//! What hickory-server does: UDP receive and send, TCP framing (its
-//! `TcpStream`), the idle timeout of a TCP connection (its
-//! [`TimeoutStream`], the one `Server::register_listener` uses), decoding
-//! requests, FORMERR for undecodable ones, encoding responses.
+//! What hickory-server does: TCP framing (its `TcpStream`), the idle
+//! timeout of a TCP connection (its [`TimeoutStream`], the one
+//! `Server::register_listener` uses), writing TCP responses, and encoding
+//! every response (its `MessageResponse`). Decoding is hickory-proto's
+//! (`answer::decode`).
 //!
 //! What is ours, and why:
-//! - The per-client token bucket (`limit.rs`), checked first thing in the
-//!   handler: hickory-server has only static allow/deny networks. Over the
-//!   rate a UDP query is dropped, a TCP connection waits for its token.
+//! - The UDP loop: hickory-server's `Server` cost about 13 µs of CPU per
+//!   query at 50 000 q/s (a task, a channel hand-off, two copies and two
+//!   system calls per datagram); see `udp.rs` and `docs/benchmarks.md`.
+//! - The per-client token bucket (`limit.rs`): hickory-server has only
+//!   static allow/deny networks. Over the rate a UDP datagram is dropped
+//!   (before it is decoded), a TCP connection waits for its token.
 //! - The TCP accept loop: `Server::register_listener` (hickory-server
 //!   0.26) has no cap on open connections, in total or per client, and
 //!   retries a failed `accept` (e.g. out of file descriptors) without a
 //!   pause. Ours caps both and pauses; each accepted connection is then
 //!   served with hickory-server's own pieces, as `register_listener` would.
 //! - Counters ([`DnsStats`]) and rate-limited logging of what clients
-//!   trigger ([`LogGate`]). hickory-server logs every response at `info`
-//!   under the `hickory_server` target; the daemon filters that target to
-//!   `warn`.
+//!   trigger ([`LogGate`]). hickory-server logs every TCP response at
+//!   `info` under the `hickory_server` target; the daemon filters that
+//!   target to `warn`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,17 +36,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
+use hickory_proto::op::{Edns, ResponseCode};
 use hickory_server::net::runtime::iocompat::AsyncIoTokioAsStd;
-use hickory_server::net::runtime::Time;
 use hickory_server::net::tcp::TcpStream as DnsTcpStream;
-use hickory_server::net::udp::MAX_RECEIVE_BUFFER_SIZE;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{
-    Request, RequestHandler, ResponseHandle, ResponseHandler, ResponseInfo, TimeoutStream,
-};
-use hickory_server::zone_handler::Queries;
-use hickory_server::Server;
+use hickory_server::server::{ResponseHandle, ResponseHandler, ResponseInfo, TimeoutStream};
+use hickory_server::zone_handler::{MessageRequest, Queries};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{oneshot, watch};
@@ -54,6 +52,7 @@ use tracing::{debug, error, info, instrument, warn};
 use crate::answer::{self, Context, Decision, Dropped, Outcome, Reply};
 use crate::limit::{ClientLimiter, LogGate};
 use crate::records::{Records, Snapshot, Zone};
+use crate::udp;
 use crate::{DnsConfig, DnsError, Limits};
 
 /// How many ports to try when `listen` has port 0 and the port the kernel
@@ -64,7 +63,7 @@ const BIND_ATTEMPTS: usize = 16;
 const UDP_RECV_BUFFER: usize = 4 << 20;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so a
 /// persistent error cannot spin a core.
-const ERROR_PAUSE: Duration = Duration::from_millis(10);
+pub(crate) const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// Responses queued for writing on one TCP connection. Requests on a
 /// connection are answered one after the other, so one is in flight.
 const TCP_RESPONSE_QUEUE: usize = 4;
@@ -102,17 +101,16 @@ impl fmt::Debug for DnsServer {
 /// Counters since the server started (for `debug` output and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DnsStats {
-    /// Requests that reached banger's handler: every TCP message, and the
-    /// UDP datagrams hickory-server could decode (it answers FORMERR to the
-    /// others, or nothing when they are shorter than a header, without
-    /// telling us). Includes those dropped by the rate limit.
+    /// Every TCP message and every UDP datagram received, answered or
+    /// not (those dropped by the rate limit included).
     pub requests: u64,
     /// Responses built (of every code).
     pub responses: u64,
     pub nxdomain: u64,
     pub refused: u64,
     pub formerr: u64,
-    /// Requests that got no response: too short, not a query, over the rate.
+    /// Requests that got no response: too short, not a query, a source
+    /// that cannot be answered, over the rate, a panic.
     pub dropped: u64,
     /// UDP requests dropped, or TCP requests delayed, by the client rate.
     pub rate_limited: u64,
@@ -124,20 +122,20 @@ pub struct DnsStats {
 }
 
 #[derive(Debug, Default)]
-struct Counters {
-    requests: AtomicU64,
-    responses: AtomicU64,
-    nxdomain: AtomicU64,
-    refused: AtomicU64,
-    formerr: AtomicU64,
-    dropped: AtomicU64,
-    rate_limited: AtomicU64,
-    tcp_rejected: AtomicU64,
-    panics: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) requests: AtomicU64,
+    pub(crate) responses: AtomicU64,
+    pub(crate) nxdomain: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) formerr: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) tcp_rejected: AtomicU64,
+    pub(crate) panics: AtomicU64,
 }
 
 impl Counters {
-    fn bump(counter: &AtomicU64) {
+    pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
     }
 
@@ -172,16 +170,7 @@ impl DnsServer {
             source,
         })?;
 
-        let handler = Arc::new(Handler {
-            zone,
-            snapshots: records.subscribe(),
-            edns: answer::server_edns(),
-            limiter: cfg.limits.client_rate.map(ClientLimiter::new),
-            limits: cfg.limits,
-            gates: Gates::default(),
-            counters: Counters::default(),
-            connections: Mutex::new(ConnectionTable::default()),
-        });
+        let handler = Arc::new(Handler::new(zone, &records, cfg.limits));
         let (stop, stop_rx) = oneshot::channel();
         let (stopped_tx, stopped) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -233,12 +222,13 @@ impl DnsServer {
 
     /// Counters since start.
     pub fn stats(&self) -> DnsStats {
-        self.handler.counters.snapshot()
+        self.handler.stats()
     }
 
-    /// Stops serving: stops hickory-server's UDP task (and the requests it
-    /// is handling), aborts the TCP acceptor and every open connection, and
-    /// returns once the sockets are closed.
+    /// Stops serving: stops the UDP loop where it waits (for datagrams,
+    /// or for room to send; replies not sent by then are dropped), aborts
+    /// the TCP acceptor and every open connection, and returns once the
+    /// sockets are closed.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -248,25 +238,22 @@ impl DnsServer {
     }
 }
 
-/// The DNS thread's work: hickory-server's `Server` on UDP and our TCP
-/// acceptor, on a current-thread runtime of their own, until `stop` fires
-/// or its sender is dropped. hickory-server spawns a task per datagram and
-/// hands each response back to the socket's task; on one thread that
-/// costs no cross-thread wake-ups (on the daemon's multi-thread runtime
-/// it halved the throughput, see `docs/benchmarks.md`).
+/// The DNS thread's work: our UDP loop (`udp.rs`) and our TCP acceptor,
+/// on a current-thread runtime of their own, until `stop` fires or its
+/// sender is dropped. One thread: no cross-thread wake-ups per query (on
+/// the daemon's multi-thread runtime they halved hickory-server's
+/// throughput, see `docs/benchmarks.md`).
 async fn serve(
     udp: UdpSocket,
     tcp: TcpListener,
     handler: Arc<Handler>,
     stop: oneshot::Receiver<()>,
 ) {
-    let mut server = Server::new(Serve(handler.clone()));
-    server.register_socket(udp);
     let mut tcp_tasks = JoinSet::new();
-    tcp_tasks.spawn(tcp_acceptor(tcp, handler));
-    let _ = stop.await;
-    if let Err(error) = server.shutdown_gracefully().await {
-        warn!(%error, "DNS UDP server ended with an error");
+    tcp_tasks.spawn(tcp_acceptor(tcp, handler.clone()));
+    tokio::select! {
+        () = udp::serve(udp, &handler) => {}
+        _ = stop => {}
     }
     tcp_tasks.shutdown().await;
 }
@@ -306,63 +293,33 @@ async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
     }
 }
 
-/// The [`RequestHandler`] hickory-server calls (a handle on the shared
-/// [`Handler`], which the TCP side and [`DnsServer::stats`] use too).
+/// What every request shares, UDP and TCP.
 #[derive(Debug)]
-struct Serve(Arc<Handler>);
-
-#[async_trait::async_trait]
-impl RequestHandler for Serve {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
-        Counters::bump(&self.0.counters.requests);
-        self.0
-            .answer(request, response_handle)
-            .await
-            .unwrap_or_else(|| no_response(&request.metadata))
-    }
-}
-
-/// What hickory-server's handler API wants back when nothing was sent (it
-/// does not look at it).
-fn no_response(request: &Metadata) -> ResponseInfo {
-    let mut metadata = Metadata::response_from_request(request);
-    metadata.response_code = ResponseCode::Refused;
-    ResponseInfo::from(Header {
-        metadata,
-        counts: HeaderCounts::default(),
-    })
-}
-
-/// What every request shares.
-#[derive(Debug)]
-struct Handler {
-    zone: Arc<Zone>,
+pub(crate) struct Handler {
+    pub(crate) zone: Arc<Zone>,
     /// The current records; read (an `Arc` clone under a read lock) once
-    /// per request.
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// per TCP request and once per UDP batch.
+    pub(crate) snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Our OPT record.
-    edns: Edns,
+    pub(crate) edns: Edns,
     limits: Limits,
     limiter: Option<ClientLimiter>,
-    gates: Gates,
-    counters: Counters,
+    pub(crate) gates: Gates,
+    pub(crate) counters: Counters,
     connections: Mutex<ConnectionTable>,
 }
 
 /// One gate per kind of client-triggerable log line.
 #[derive(Debug)]
-struct Gates {
+pub(crate) struct Gates {
     malformed: LogGate,
     dropped: LogGate,
     over_rate: LogGate,
     tcp_full: LogGate,
     tcp_error: LogGate,
-    io: LogGate,
+    pub(crate) io: LogGate,
     panicked: LogGate,
+    pub(crate) encode: LogGate,
 }
 
 impl Default for Gates {
@@ -376,18 +333,43 @@ impl Default for Gates {
             tcp_error: gate(),
             io: gate(),
             panicked: gate(),
+            encode: gate(),
         }
     }
 }
 
 impl Handler {
+    pub(crate) fn new(zone: Arc<Zone>, records: &Records, limits: Limits) -> Self {
+        Self {
+            zone,
+            snapshots: records.subscribe(),
+            edns: answer::server_edns(),
+            limiter: limits.client_rate.map(ClientLimiter::new),
+            limits,
+            gates: Gates::default(),
+            counters: Counters::default(),
+            connections: Mutex::new(ConnectionTable::default()),
+        }
+    }
+
+    /// Counters since start.
+    pub(crate) fn stats(&self) -> DnsStats {
+        self.counters.snapshot()
+    }
+
     /// Takes a token for `ip`, or says how long to wait. Logs (gated) when
     /// a client is over its rate.
     fn admit(&self, ip: IpAddr) -> Result<(), Duration> {
+        self.admit_at(ip, Instant::now())
+    }
+
+    /// [`admit`](Self::admit) at `now` (the UDP loop reads the clock once
+    /// per batch).
+    pub(crate) fn admit_at(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
-        limiter.check(ip, Instant::now()).inspect_err(|_| {
+        limiter.check(ip, now).inspect_err(|_| {
             Counters::bump(&self.counters.rate_limited);
             if let Some(suppressed) = self.gates.over_rate.allow() {
                 warn!(client = %ip, suppressed, "DNS client over its query rate");
@@ -395,58 +377,45 @@ impl Handler {
         })
     }
 
-    /// Largest request answered normally. Over UDP, hickory-server reads
-    /// datagrams into a `MAX_RECEIVE_BUFFER_SIZE` (4096-byte) buffer and
-    /// silently cuts longer ones: a datagram that fills it may have been
-    /// longer, so it counts as too large.
-    fn max_request(&self, protocol: Protocol) -> usize {
+    /// Largest request answered normally. Over UDP the loop keeps
+    /// `udp::RECV_BUF` (4096) bytes of a datagram: one that long or longer
+    /// counts as too large, as it did when hickory-server read the socket.
+    pub(crate) fn max_request(&self, protocol: Protocol) -> usize {
         match protocol {
-            Protocol::Udp => self
-                .limits
-                .max_request_size
-                .min(MAX_RECEIVE_BUFFER_SIZE - 1),
+            Protocol::Udp => self.limits.max_request_size.min(udp::RECV_BUF - 1),
             _ => self.limits.max_request_size,
         }
     }
 
-    /// Answers one decoded request: the client's rate first, then the
-    /// decision, then the response through `response`. `None` if nothing
-    /// was sent.
-    async fn answer<R: ResponseHandler>(
+    /// Answers one decoded TCP request of `size` bytes: the client's
+    /// rate first (over it, this connection's next answer waits for a
+    /// token; hickory-server answers a connection's requests in order),
+    /// then the decision, then the response through `response`.
+    async fn answer_tcp<R: ResponseHandler>(
         &self,
-        request: &Request,
+        request: &MessageRequest,
+        size: usize,
+        peer: SocketAddr,
         response: R,
     ) -> Option<ResponseInfo> {
-        let (peer, protocol) = (request.src(), request.protocol());
-        let mut decision = None;
+        let protocol = Protocol::Tcp;
         if let Err(mut wait) = self.admit(peer.ip()) {
-            if protocol == Protocol::Udp {
-                // The client retries; answering would cost what the
-                // limit is there to save.
-                decision = Some(Decision::Drop(Dropped::OverRate));
-            } else {
-                // TCP: hold this connection's next answer (hickory-server
-                // answers a connection's requests in order).
-                loop {
-                    tokio::time::sleep(wait).await;
-                    match self.admit(peer.ip()) {
-                        Ok(()) => break,
-                        Err(next) => wait = next,
-                    }
+            loop {
+                tokio::time::sleep(wait).await;
+                match self.admit(peer.ip()) {
+                    Ok(()) => break,
+                    Err(next) => wait = next,
                 }
             }
         }
         let records = self.snapshots.borrow().clone();
-        let decision = decision.unwrap_or_else(|| {
-            let cx = Context {
-                zone: &self.zone,
-                records: &records,
-                max_request: self.max_request(protocol),
-            };
-            let size = request.as_slice().len();
-            catch_unwind(AssertUnwindSafe(|| answer::respond(&cx, request, size)))
-                .unwrap_or(Decision::Drop(Dropped::Panicked))
-        });
+        let cx = Context {
+            zone: &self.zone,
+            records: &records,
+            max_request: self.max_request(protocol),
+        };
+        let decision = catch_unwind(AssertUnwindSafe(|| answer::respond(&cx, request, size)))
+            .unwrap_or(Decision::Drop(Dropped::Panicked));
         self.finish(
             decision,
             &request.queries,
@@ -494,10 +463,10 @@ impl Handler {
         Counters::bump(&self.counters.requests);
         let protocol = Protocol::Tcp;
         #[allow(clippy::result_large_err)] // see `answer::decode`
-        let decoded = catch_unwind(AssertUnwindSafe(|| answer::decode(raw, peer, protocol)));
+        let decoded = catch_unwind(AssertUnwindSafe(|| answer::decode(&raw)));
         match decoded {
             Ok(Ok(request)) => {
-                self.answer(&request, response).await;
+                self.answer_tcp(&request, raw.len(), peer, response).await;
             }
             Ok(Err(decision)) => {
                 let records = self.snapshots.borrow().clone();
@@ -509,7 +478,7 @@ impl Handler {
         }
     }
 
-    fn replied(&self, reply: &Reply, peer: SocketAddr, protocol: Protocol) {
+    pub(crate) fn replied(&self, reply: &Reply, peer: SocketAddr, protocol: Protocol) {
         let c = &self.counters;
         Counters::bump(&c.responses);
         match &reply.outcome {
@@ -525,7 +494,7 @@ impl Handler {
         }
     }
 
-    fn dropped(&self, why: Dropped, peer: SocketAddr, protocol: Protocol) {
+    pub(crate) fn dropped(&self, why: Dropped, peer: SocketAddr, protocol: Protocol) {
         Counters::bump(&self.counters.dropped);
         match why {
             // Counted and logged by `admit`.
@@ -536,7 +505,7 @@ impl Handler {
                     error!(client = %peer, %protocol, suppressed, "DNS request handling panicked; request dropped");
                 }
             }
-            Dropped::TooShort(_) | Dropped::NotAQuery => {
+            Dropped::TooShort(_) | Dropped::NotAQuery | Dropped::Unanswerable => {
                 if let Some(suppressed) = self.gates.dropped.allow() {
                     debug!(client = %peer, %protocol, suppressed, reason = ?why, "DNS request dropped");
                 }
@@ -679,20 +648,12 @@ mod tests {
     async fn connection_slots_are_bounded_and_given_back() {
         let zone = Arc::new(Zone::new("vm.", 5).expect("zone"));
         let records = Records::new(zone.clone());
-        let handler = Arc::new(Handler {
-            zone,
-            snapshots: records.subscribe(),
-            edns: answer::server_edns(),
-            limits: Limits {
-                max_tcp_connections: 3,
-                max_tcp_connections_per_client: 2,
-                ..Limits::default()
-            },
-            limiter: None,
-            gates: Gates::default(),
-            counters: Counters::default(),
-            connections: Mutex::new(ConnectionTable::default()),
-        });
+        let limits = Limits {
+            max_tcp_connections: 3,
+            max_tcp_connections_per_client: 2,
+            ..Limits::default()
+        };
+        let handler = Arc::new(Handler::new(zone, &records, limits));
         let a: IpAddr = [127, 0, 0, 1].into();
         let b: IpAddr = [127, 0, 0, 2].into();
         let a1 = ConnectionSlot::take(&handler, a).expect("a1");
