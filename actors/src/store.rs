@@ -40,6 +40,9 @@ impl From<StoreError> for ErrorData {
 
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// One write of [`StoreMsg::PutAll`]: tree, key, value.
+pub type TreePut = (String, Vec<u8>, Vec<u8>);
+
 pub enum StoreMsg {
     /// Writes `value` at `key`; answered once the write is on disk.
     Put {
@@ -53,6 +56,11 @@ pub enum StoreMsg {
         tree: String,
         puts: Entries,
         removes: Vec<Vec<u8>>,
+        reply: RpcReplyPort<Result<(), ErrorData>>,
+    },
+    /// Writes entries of several trees in one atomic, durable step.
+    PutAll {
+        puts: Vec<TreePut>,
         reply: RpcReplyPort<Result<(), ErrorData>>,
     },
     Get {
@@ -88,6 +96,7 @@ impl std::fmt::Debug for StoreMsg {
         let name = match self {
             StoreMsg::Put { .. } => "Put",
             StoreMsg::Batch { .. } => "Batch",
+            StoreMsg::PutAll { .. } => "PutAll",
             StoreMsg::Get { .. } => "Get",
             StoreMsg::Delete { .. } => "Delete",
             StoreMsg::Scan { .. } => "Scan",
@@ -166,6 +175,39 @@ impl StoreState {
 
     fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
         Ok(self.db.open_tree(name)?)
+    }
+
+    /// `puts` in one sled transaction over the trees they name.
+    fn put_all(&self, puts: &[TreePut]) -> Result<(), StoreError> {
+        use sled::transaction::{TransactionError, Transactional};
+        let mut names: Vec<&str> = Vec::new();
+        let at: Vec<usize> = puts
+            .iter()
+            .map(|(tree, _, _)| match names.iter().position(|n| n == tree) {
+                Some(i) => i,
+                None => {
+                    names.push(tree);
+                    names.len() - 1
+                }
+            })
+            .collect();
+        let trees = names
+            .iter()
+            .map(|n| self.tree(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        trees[..]
+            .transaction(|views| {
+                for (&i, (_, key, value)) in at.iter().zip(puts) {
+                    views[i].insert(key.as_slice(), value.as_slice())?;
+                }
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Db(e),
+                TransactionError::Abort(()) => {
+                    StoreError::Db(sled::Error::ReportableBug("transaction aborted".into()))
+                }
+            })
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -264,6 +306,12 @@ impl Actor for Store {
                     }
                 }
             }
+            StoreMsg::PutAll { puts, reply } => match state.put_all(&puts) {
+                Ok(()) => state.ack_when_durable(reply, ()),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
             StoreMsg::Get { tree, key, reply } => {
                 let res =
                     (|| Ok::<_, StoreError>(state.tree(&tree)?.get(key)?.map(|v| v.to_vec())))();
@@ -384,11 +432,37 @@ impl StoreClient {
         key: &[u8],
         value: &T,
     ) -> impl std::future::Future<Output = Result<(), ErrorData>> + Send + 'static {
-        let sent = encode_record(value).and_then(|value| {
+        let msg = encode_record(value).map(|value| {
+            let (tree, key) = (tree.to_string(), key.to_vec());
+            move |reply| StoreMsg::Put {
+                tree,
+                key,
+                value,
+                reply,
+            }
+        });
+        self.sent(msg)
+    }
+
+    /// [`Self::put_sent`] for writes to several trees, applied in one
+    /// atomic step ([`StoreMsg::PutAll`]).
+    pub fn put_all_sent(
+        &self,
+        puts: Vec<TreePut>,
+    ) -> impl std::future::Future<Output = Result<(), ErrorData>> + Send + 'static {
+        self.sent(Ok(move |reply| StoreMsg::PutAll { puts, reply }))
+    }
+
+    /// Casts the message `msg` builds now and returns the wait for its answer.
+    fn sent(
+        &self,
+        msg: Result<impl FnOnce(RpcReplyPort<Result<(), ErrorData>>) -> StoreMsg, ErrorData>,
+    ) -> impl std::future::Future<Output = Result<(), ErrorData>> + Send + 'static {
+        let sent = msg.and_then(|msg| {
             let actor = crate::ask::lookup::<StoreMsg>(names::STORE)?;
             let (tx, rx) = ractor::concurrency::oneshot();
             actor
-                .cast(put_msg(tree, key, value, tx.into()))
+                .cast(msg(tx.into()))
                 .map_err(|_| crate::ask::unavailable(names::STORE, "is not running"))?;
             Ok(rx)
         });

@@ -3,7 +3,9 @@
 //! acknowledged; the parent SIGKILLs it at a random moment, reopens the
 //! database and checks that every acknowledged record is there, intact.
 //! Repeated for many rounds on the same database, so earlier rounds'
-//! records must survive later crashes too.
+//! records must survive later crashes too. Every other write is a
+//! `PutAll` into two trees, which must be all or nothing even when it was
+//! not acknowledged.
 //!
 //! `harness = false`: the same binary is the parent and, with `--child`,
 //! the writer.
@@ -21,6 +23,8 @@ use rand::Rng;
 
 const ROUNDS: u32 = 25;
 const TREE: &str = "crash";
+/// The second tree of the `PutAll` writes (odd `i`).
+const PAIRED: &str = "crash-paired";
 const T: Duration = Duration::from_secs(10);
 
 fn key(round: u32, i: u64) -> Vec<u8> {
@@ -45,11 +49,20 @@ async fn child(dir: PathBuf, round: u32) {
         let res: Result<(), ErrorData> = ask_ref(
             "store",
             &store,
-            |reply| StoreMsg::Put {
-                tree: TREE.into(),
-                key: key(round, i),
-                value: value(round, i),
-                reply,
+            |reply| match i % 2 {
+                0 => StoreMsg::Put {
+                    tree: TREE.into(),
+                    key: key(round, i),
+                    value: value(round, i),
+                    reply,
+                },
+                _ => StoreMsg::PutAll {
+                    puts: vec![
+                        (TREE.into(), key(round, i), value(round, i)),
+                        (PAIRED.into(), key(round, i), value(round + 1, i)),
+                    ],
+                    reply,
+                },
             },
             T,
         )
@@ -127,6 +140,25 @@ async fn verify(dir: &Path, expected: &[(u32, Vec<u64>)]) -> Result<usize, Strin
             )
             .await
             .map_err(|e| e.to_string())?;
+            if i % 2 == 1 {
+                let paired: Result<Option<Vec<u8>>, ErrorData> = ask_ref(
+                    "store",
+                    &store,
+                    |reply| StoreMsg::Get {
+                        tree: PAIRED.into(),
+                        key: key(*round, i),
+                        reply,
+                    },
+                    T,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                if paired.map_err(|e| e.to_string())? != Some(value(round + 1, i)) {
+                    return Err(format!(
+                        "round {round} record {i}: the acknowledged PutAll's second write is missing or corrupted"
+                    ));
+                }
+            }
             match got.map_err(|e| e.to_string())? {
                 Some(v) if v == value(*round, i) => checked += 1,
                 Some(_) => {
@@ -141,6 +173,41 @@ async fn verify(dir: &Path, expected: &[(u32, Vec<u64>)]) -> Result<usize, Strin
                 }
             }
         }
+    }
+    // All or nothing, acknowledged or not: the odd keys of TREE are
+    // exactly the keys of PAIRED.
+    let scan = |tree: &'static str| {
+        let store = store.clone();
+        async move {
+            let entries: Result<Vec<(Vec<u8>, Vec<u8>)>, ErrorData> = ask_ref(
+                "store",
+                &store,
+                |reply| StoreMsg::Scan {
+                    tree: tree.into(),
+                    prefix: Vec::new(),
+                    reply,
+                },
+                T,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            entries
+                .map(|e| e.into_iter().map(|(k, _)| k).collect::<Vec<_>>())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let odd: Vec<Vec<u8>> = scan(TREE)
+        .await?
+        .into_iter()
+        .filter(|k| k.last().is_some_and(|b| b % 2 == 1))
+        .collect();
+    let paired = scan(PAIRED).await?;
+    if odd != paired {
+        return Err(format!(
+            "a PutAll was applied in part: {} odd keys in {TREE}, {} keys in {PAIRED}",
+            odd.len(),
+            paired.len()
+        ));
     }
     store.stop(None);
     handle.await.map_err(|e| e.to_string())?;

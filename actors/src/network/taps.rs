@@ -21,7 +21,7 @@ use banger_protocol::{BridgeStatus, ErrorData, ErrorKind, Lease, NatStatus, Pool
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{info, warn};
 
-use crate::store::{decode_record, StoreClient};
+use crate::store::{decode_record, encode_record, StoreClient, TreePut};
 use crate::unix_ms;
 
 pub const LEASES: &str = "leases";
@@ -46,6 +46,24 @@ pub struct Acquired {
     pub from_pool: bool,
 }
 
+/// A record written in the same atomic, durable step as a new lease,
+/// made from the lease's address: the VmManager's `created` record, which
+/// holds it. A crash then leaves both or neither, and a create waits for
+/// one flush instead of two in a row.
+pub struct WithLease(Box<dyn FnOnce(Ipv4Addr) -> Result<TreePut, ErrorData> + Send>);
+
+impl WithLease {
+    pub fn new(make: impl FnOnce(Ipv4Addr) -> Result<TreePut, ErrorData> + Send + 'static) -> Self {
+        Self(Box::new(make))
+    }
+}
+
+impl std::fmt::Debug for WithLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WithLease(..)")
+    }
+}
+
 #[derive(Debug)]
 pub enum TapsMsg {
     Acquire {
@@ -59,6 +77,8 @@ pub enum TapsMsg {
     Reserve {
         owner: String,
         ip: Option<Ipv4Addr>,
+        /// Written together with the lease.
+        with: Option<WithLease>,
         reply: RpcReplyPort<Result<Lease, ErrorData>>,
     },
     Unreserve {
@@ -218,7 +238,12 @@ impl Actor for TapPool {
             TapsMsg::Release { tap, reply } => {
                 let _ = reply.send(release(&myself, state, &tap).await);
             }
-            TapsMsg::Reserve { owner, ip, reply } => reserve(&myself, state, owner, ip, reply),
+            TapsMsg::Reserve {
+                owner,
+                ip,
+                with,
+                reply,
+            } => reserve(&myself, state, owner, ip, with, reply),
             TapsMsg::Unreserve { owner, reply } => {
                 let lease = state.leases.values().find(|l| l.owner == owner).cloned();
                 let res = match lease {
@@ -536,17 +561,29 @@ fn reserve(
     state: &mut TapsState,
     owner: String,
     ip: Option<Ipv4Addr>,
+    with: Option<WithLease>,
     reply: RpcReplyPort<Result<Lease, ErrorData>>,
 ) {
-    let lease = match new_lease(state, owner, ip) {
-        Ok(lease) => lease,
+    let puts = new_lease(state, owner, ip).and_then(|lease| {
+        let mut puts = vec![(
+            LEASES.to_string(),
+            lease.ip.octets().to_vec(),
+            encode_record(&lease)?,
+        )];
+        if let Some(WithLease(make)) = with {
+            puts.push(make(lease.ip)?);
+        }
+        Ok((lease, puts))
+    });
+    let (lease, puts) = match puts {
+        Ok(made) => made,
         Err(e) => {
             let _ = reply.send(Err(e));
             return;
         }
     };
     state.leases.insert(lease.ip, lease.clone());
-    let written = state.store.put_sent(LEASES, &lease.ip.octets(), &lease);
+    let written = state.store.put_all_sent(puts);
     let me = myself.clone();
     tokio::spawn(async move {
         let res = match written.await {

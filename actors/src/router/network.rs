@@ -34,7 +34,12 @@ pub async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, Err
         }
         Request::LeaseReserve { owner, ip } => ask(
             names::TAPS,
-            |reply| TapsMsg::Reserve { owner, ip, reply },
+            |reply| TapsMsg::Reserve {
+                owner,
+                ip,
+                with: None,
+                reply,
+            },
             timeout,
         )
         .await?

@@ -47,8 +47,8 @@ use crate::ask::{ask, ask_patiently};
 use crate::images::ImageUsers;
 use crate::names;
 use crate::network::dns::DnsMsg;
-use crate::network::taps::TapsMsg;
-use crate::store::{decode_record, StoreClient};
+use crate::network::taps::{TapsMsg, WithLease};
+use crate::store::{decode_record, encode_record, StoreClient};
 use oplog::OpLog;
 use record::{VmRecord, VmSettings};
 use supervisor::{VmArgs, VmMsg, VmSupervisor};
@@ -808,37 +808,56 @@ async fn reserve_durably(
     timeout: Duration,
 ) -> Result<VmRecord, ErrorData> {
     let name = rec.name.clone();
-    if network {
-        let owner = lease_owner(&name);
-        let lease = match ask(
-            names::TAPS,
-            |reply| TapsMsg::Reserve {
-                owner,
-                ip: requested_ip,
-                reply,
-            },
-            timeout,
-        )
-        .await
-        {
-            Ok(r) => r?,
-            Err(e) => {
-                // The answer was lost: the lease may exist.
+    if !network {
+        if let Err(e) = store.put(record::TREE, name.as_bytes(), &rec).await {
+            // The store may have written it before it failed to answer: a
+            // record nobody knows would come back as a VM with the next
+            // start of this manager.
+            forget_record(store, &name).await;
+            return Err(e);
+        }
+        return Ok(rec);
+    }
+    // The lease and the record, which holds its address, in one durable
+    // write.
+    let owner = lease_owner(&name);
+    let with = {
+        let (rec, key) = (rec.clone(), name.as_bytes().to_vec());
+        WithLease::new(move |ip| {
+            let rec = VmRecord {
+                ip: Some(ip),
+                ..rec
+            };
+            Ok((record::TREE.to_string(), key, encode_record(&rec)?))
+        })
+    };
+    match ask(
+        names::TAPS,
+        |reply| TapsMsg::Reserve {
+            owner,
+            ip: requested_ip,
+            with: Some(with),
+            reply,
+        },
+        timeout,
+    )
+    .await
+    .and_then(|r| r)
+    {
+        Ok(lease) => {
+            rec.ip = Some(lease.ip);
+            Ok(rec)
+        }
+        Err(e) => {
+            // The answer may be lost, or the write may have been applied
+            // but not flushed: neither the lease nor the record may stay.
+            if e.kind != ErrorKind::AlreadyExists && e.kind != ErrorKind::InvalidRequest {
+                forget_record(store, &name).await;
                 undo_lease(&name).await;
-                return Err(e);
             }
-        };
-        rec.ip = Some(lease.ip);
+            Err(e)
+        }
     }
-    if let Err(e) = store.put(record::TREE, name.as_bytes(), &rec).await {
-        // The store may have written it before it failed to answer: a
-        // record nobody knows would come back as a VM with the next start
-        // of this manager.
-        forget_record(store, &name).await;
-        undo_lease(&name).await;
-        return Err(e);
-    }
-    Ok(rec)
 }
 
 async fn forget_record(store: &StoreClient, name: &str) {
