@@ -115,6 +115,26 @@ fn run_round(exe: &Path, dir: &Path, round: u32) -> Vec<u64> {
     acked
 }
 
+async fn get(
+    store: &ractor::ActorRef<StoreMsg>,
+    tree: &str,
+    key: Vec<u8>,
+) -> Result<Option<Vec<u8>>, String> {
+    let got: Result<Option<Vec<u8>>, ErrorData> = ask_ref(
+        "store",
+        store,
+        |reply| StoreMsg::Get {
+            tree: tree.into(),
+            key,
+            reply,
+        },
+        T,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    got.map_err(|e| e.to_string())
+}
+
 async fn verify(dir: &Path, expected: &[(u32, Vec<u64>)]) -> Result<usize, String> {
     let (store, handle) = Actor::spawn(
         None,
@@ -128,38 +148,15 @@ async fn verify(dir: &Path, expected: &[(u32, Vec<u64>)]) -> Result<usize, Strin
     let mut checked = 0;
     for (round, acks) in expected {
         for &i in acks {
-            let got: Result<Option<Vec<u8>>, ErrorData> = ask_ref(
-                "store",
-                &store,
-                |reply| StoreMsg::Get {
-                    tree: TREE.into(),
-                    key: key(*round, i),
-                    reply,
-                },
-                T,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let got = get(&store, TREE, key(*round, i)).await?;
             if i % 2 == 1 {
-                let paired: Result<Option<Vec<u8>>, ErrorData> = ask_ref(
-                    "store",
-                    &store,
-                    |reply| StoreMsg::Get {
-                        tree: PAIRED.into(),
-                        key: key(*round, i),
-                        reply,
-                    },
-                    T,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                if paired.map_err(|e| e.to_string())? != Some(value(round + 1, i)) {
+                if get(&store, PAIRED, key(*round, i)).await? != Some(value(round + 1, i)) {
                     return Err(format!(
                         "round {round} record {i}: the acknowledged PutAll's second write is missing or corrupted"
                     ));
                 }
             }
-            match got.map_err(|e| e.to_string())? {
+            match got {
                 Some(v) if v == value(*round, i) => checked += 1,
                 Some(_) => {
                     return Err(format!(
