@@ -497,6 +497,16 @@ async fn wait_agent(
     }
 }
 
+/// Waits until the guest's sshd accepts a TCP connection from the host
+/// on `ip:22`, the deadline passes, or the VMM dies.
+///
+/// The host connects itself rather than asking the agent: before sshd
+/// listens each try costs the guest one SYN answered by its kernel, while
+/// an agent `Health` runs `systemctl is-system-running` (a fork, an exec
+/// and a call into PID 1; about 300 ms of guest CPU each under TCG, at the
+/// moment the guest boots). When it times out, the agent (if any) says
+/// whether sshd listens in the guest, to tell a guest that never started
+/// sshd from an address the host cannot reach.
 async fn wait_ssh(
     handle: &dyn VmmHandle,
     ip: Ipv4Addr,
@@ -504,34 +514,43 @@ async fn wait_ssh(
     deadline: Instant,
     settings: &VmSettings,
 ) -> Result<(), ErrorData> {
+    let addr = SocketAddr::from((ip, 22));
     let wait = async {
         loop {
-            let listening = match agent {
-                Some(conn) => conn
-                    .client
-                    .health(Duration::from_secs(5))
+            let listening =
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
                     .await
-                    .map(|h| h.sshd_listening)
-                    .unwrap_or(false),
-                None => tokio::time::timeout(
-                    Duration::from_secs(1),
-                    tokio::net::TcpStream::connect(SocketAddr::from((ip, 22))),
-                )
-                .await
-                .is_ok_and(|r| r.is_ok()),
-            };
+                    .is_ok_and(|r| r.is_ok());
             if listening {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(ErrorData::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "sshd did not start within {}s",
-                        settings.boot_timeout.as_secs()
+                let in_guest = match agent {
+                    Some(conn) => conn
+                        .client
+                        .health(Duration::from_secs(5))
+                        .await
+                        .ok()
+                        .map(|h| h.sshd_listening),
+                    None => None,
+                };
+                let secs = settings.boot_timeout.as_secs();
+                return Err(match in_guest {
+                    Some(true) => ErrorData::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "sshd listens in the guest, but {addr} did not answer within {secs}s"
+                        ),
+                    )
+                    .with_hint(
+                        "check the guest's firewall and network (`banger vm exec NAME -- ip addr`)",
                     ),
-                )
-                .with_hint("see `banger vm logs`; `banger vm exec` works without sshd"));
+                    _ => ErrorData::new(
+                        ErrorKind::Timeout,
+                        format!("sshd did not start within {secs}s"),
+                    )
+                    .with_hint("see `banger vm logs`; `banger vm exec` works without sshd"),
+                });
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
