@@ -497,16 +497,17 @@ async fn wait_agent(
     }
 }
 
-/// Waits until the guest's sshd accepts a TCP connection from the host
-/// on `ip:22`, the deadline passes, or the VMM dies.
+/// Waits until the guest's sshd listens on port 22, the deadline passes,
+/// or the VMM dies.
 ///
-/// The host connects itself rather than asking the agent: before sshd
-/// listens each try costs the guest one SYN answered by its kernel, while
-/// an agent `Health` runs `systemctl is-system-running` (a fork, an exec
-/// and a call into PID 1; about 300 ms of guest CPU each under TCG, at the
-/// moment the guest boots). When it times out, the agent (if any) says
-/// whether sshd listens in the guest, to tell a guest that never started
-/// sshd from an address the host cannot reach.
+/// With an agent it asks for the guest's listening sockets (`Ports`: the
+/// agent reads `/proc/net/tcp{,6}` and the sockets' owners, tens of ms of
+/// guest CPU under TCG, no process started), not for `Health`, which runs
+/// `systemctl is-system-running` (a fork, an exec and a call into PID 1:
+/// about 300 ms of guest CPU each under TCG, while the guest still boots
+/// towards sshd). Nor does it connect to `<ip>:22`: sshd would fork and
+/// re-exec a child for that connection just when the user's ssh arrives.
+/// Without an agent, connecting is the only way.
 async fn wait_ssh(
     handle: &dyn VmmHandle,
     ip: Ipv4Addr,
@@ -514,43 +515,37 @@ async fn wait_ssh(
     deadline: Instant,
     settings: &VmSettings,
 ) -> Result<(), ErrorData> {
-    let addr = SocketAddr::from((ip, 22));
     let wait = async {
         loop {
-            let listening =
-                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+            let listening = match agent {
+                Some(conn) => conn
+                    .client
+                    .ports(Duration::from_secs(5))
                     .await
-                    .is_ok_and(|r| r.is_ok());
+                    .is_ok_and(|ports| {
+                        ports
+                            .iter()
+                            .any(|p| p.port == 22 && p.proto.starts_with("tcp"))
+                    }),
+                None => tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect(SocketAddr::from((ip, 22))),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            };
             if listening {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let in_guest = match agent {
-                    Some(conn) => conn
-                        .client
-                        .health(Duration::from_secs(5))
-                        .await
-                        .ok()
-                        .map(|h| h.sshd_listening),
-                    None => None,
-                };
-                let secs = settings.boot_timeout.as_secs();
-                return Err(match in_guest {
-                    Some(true) => ErrorData::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "sshd listens in the guest, but {addr} did not answer within {secs}s"
-                        ),
-                    )
-                    .with_hint(
-                        "check the guest's firewall and network (`banger vm exec NAME -- ip addr`)",
+                return Err(ErrorData::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "sshd did not start within {}s",
+                        settings.boot_timeout.as_secs()
                     ),
-                    _ => ErrorData::new(
-                        ErrorKind::Timeout,
-                        format!("sshd did not start within {secs}s"),
-                    )
-                    .with_hint("see `banger vm logs`; `banger vm exec` works without sshd"),
-                });
+                )
+                .with_hint("see `banger vm logs`; `banger vm exec` works without sshd"));
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
