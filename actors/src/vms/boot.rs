@@ -507,6 +507,17 @@ async fn wait_agent(
     }
 }
 
+/// Waits until the guest's sshd listens on port 22, the deadline passes,
+/// or the VMM dies.
+///
+/// With an agent it asks for the guest's listening sockets (`Ports`: the
+/// agent reads `/proc/net/tcp{,6}` and the sockets' owners, tens of ms of
+/// guest CPU under TCG, no process started), not for `Health`, which runs
+/// `systemctl is-system-running` (a fork, an exec and a call into PID 1:
+/// about 300 ms of guest CPU each under TCG, while the guest still boots
+/// towards sshd). Nor does it connect to `<ip>:22`: sshd would fork and
+/// re-exec a child for that connection just when the user's ssh arrives.
+/// Without an agent, connecting is the only way.
 async fn wait_ssh(
     handle: &dyn VmmHandle,
     ip: Ipv4Addr,
@@ -519,10 +530,13 @@ async fn wait_ssh(
             let listening = match agent {
                 Some(conn) => conn
                     .client
-                    .health(Duration::from_secs(5))
+                    .ports(Duration::from_secs(5))
                     .await
-                    .map(|h| h.sshd_listening)
-                    .unwrap_or(false),
+                    .is_ok_and(|ports| {
+                        ports
+                            .iter()
+                            .any(|p| p.port == 22 && p.proto.starts_with("tcp"))
+                    }),
                 None => tokio::time::timeout(
                     Duration::from_secs(1),
                     tokio::net::TcpStream::connect(SocketAddr::from((ip, 22))),
