@@ -308,6 +308,23 @@ pub async fn kill_and_wait(id: ProcessId) -> Exit {
     }
 }
 
+/// Test support: waits (up to 5 s) until `id`'s command line mentions
+/// `needle`. The parent resumes once the child's exec has replaced its
+/// memory, a moment before the kernel shows the new command line, and a
+/// shell that `exec`s its program takes longer still.
+#[cfg(test)]
+pub(crate) async fn wait_for_cmdline(id: ProcessId, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !id.matches(needle) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        id.matches(needle),
+        "{:?} never named {needle}",
+        id.cmdline()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,13 +348,7 @@ mod tests {
         cmd.arg("600");
         let id = spawn_detached(cmd, &dir.path().join("o")).unwrap();
         assert!(id.is_alive());
-        // The parent resumes once the child's exec has replaced its memory,
-        // a moment before the kernel records the new command line there.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !id.matches("sleep 600") && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(id.matches("sleep 600"), "{:?}", id.cmdline());
+        wait_for_cmdline(id, "sleep 600").await;
         assert!(!id.matches("qemu"));
         let other = ProcessId {
             pid: id.pid,

@@ -1007,6 +1007,8 @@ mod tests {
         cmd.args(["-c", "exec -a \"$0\" sleep 600"])
             .arg(format!("firecracker --api-sock {}", api.display()));
         let id = process::spawn_detached(cmd, &dir.path().join("o.log")).unwrap();
+        // Until bash has exec'd, the command line is bash's own.
+        process::wait_for_cmdline(id, &api.display().to_string()).await;
         let err = backend.adopt(&s, id).await.unwrap_err();
         assert!(matches!(err, VmmError::Control(_)), "{err:?}");
 
