@@ -3,7 +3,7 @@
 //!
 //! Boot: mount the API file systems that are missing, set the hostname,
 //! load `virtio_net`/`virtio_console` (and vsock), mount the work disk on
-//! `/root`, serve the transports, configure the network and start sshd.
+//! `/root`, configure the network, serve the transports and start sshd.
 //! Then wait for SIGTERM/SIGINT (Ctrl-Alt-Del arrives as SIGINT) or a
 //! `PowerOff` request, and shut down ([`power::pid1_shutdown`]).
 //!
@@ -234,6 +234,25 @@ async fn boot_and_serve(cli: &Cli) -> io::Result<PowerAction> {
         Err(e) => warn!("work disk step crashed: {e}"),
     }
 
+    // The network is configured before the agent answers: the host takes
+    // the agent's first answer as "the guest is up", and a user's first
+    // command (or ping, or ssh) must find the address in place. The NIC is
+    // there at once in practice; without one the wait ends after
+    // NIC_WAIT and the agent serves anyway, so the failure can be seen.
+    match netconf::configure(&cfg, NIC_WAIT).await {
+        Ok(done) => {
+            if let Some(ifname) = done.interface {
+                info!(interface = %ifname, ip = ?cfg.ip, gateway = ?cfg.gateway, "network configured");
+            }
+        }
+        Err(e) => error!("network setup failed: {}", error_chain(&e)),
+    }
+    if !cfg.dns.is_empty() {
+        if let Err(e) = netconf::write_resolv_conf(Path::new("/etc/resolv.conf"), &cfg.dns) {
+            warn!("cannot write /etc/resolv.conf: {e}");
+        }
+    }
+
     let (power_tx, mut power_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(AgentContext {
         pid1: true,
@@ -248,21 +267,6 @@ async fn boot_and_serve(cli: &Cli) -> io::Result<PowerAction> {
         error!("{}", error_chain(&e));
     }
 
-    tokio::spawn(async move {
-        match netconf::configure(&cfg, NIC_WAIT).await {
-            Ok(done) => {
-                if let Some(ifname) = done.interface {
-                    info!(interface = %ifname, ip = ?cfg.ip, gateway = ?cfg.gateway, "network configured");
-                }
-            }
-            Err(e) => error!("network setup failed: {}", error_chain(&e)),
-        }
-        if !cfg.dns.is_empty() {
-            if let Err(e) = netconf::write_resolv_conf(Path::new("/etc/resolv.conf"), &cfg.dns) {
-                warn!("cannot write /etc/resolv.conf: {e}");
-            }
-        }
-    });
     tokio::spawn(sshd::supervise());
 
     let action = tokio::select! {
