@@ -316,12 +316,17 @@ async fn daemon_killed_during_creates_leaves_nothing_behind_and_readopts() {
         }
     }
 
-    // A kill of the daemon with only running VMs: all re-adopted.
+    // A kill of the daemon right after a create was answered: the answer
+    // came only once the `running` record was on disk, so that VM is kept
+    // and, like the others, re-adopted.
     let mut c = d.client().await;
-    let before = list_vms(&mut c).await;
-    drop(c);
+    let mut before = list_vms(&mut c).await;
+    let answered = create_running(&mut c, &image, "d").await;
     assert!(d.sigkill().is_some());
+    drop(c);
     d.restart();
+    before.push(answered);
+    kept.push("d".to_string());
     let mut c = d.client().await;
     for vm in &before {
         assert_readopted_one(&d, &mut c, vm).await;

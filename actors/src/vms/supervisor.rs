@@ -553,7 +553,10 @@ impl Actor for VmSupervisor {
                 state.persist().await;
             }
             VmMsg::BootDone { generation, result } if generation == state.generation => {
-                match result {
+                // The outcome is told (the create or start answered) only
+                // once the record saying so is on disk: a create that was
+                // answered must survive a crash of the daemon right after.
+                let done = match result {
                     Ok(booted) => {
                         if state.stopping {
                             // A stop arrived while booting: stop what just came up.
@@ -562,7 +565,7 @@ impl Actor for VmSupervisor {
                             state.release_runtime().await;
                             let _ = state.transition(VmState::Stopping, "stop");
                             let _ = state.transition(VmState::Stopped, "stop");
-                            state.finish_op(Ok(()));
+                            Ok(())
                         } else {
                             state.rec.process = Some(booted.handle.process());
                             state.rec.tap = booted.tap;
@@ -572,7 +575,7 @@ impl Actor for VmSupervisor {
                             state.agent = booted.agent;
                             let _ = state.transition(VmState::Running, "start");
                             state.watch_exit(&myself, booted.handle);
-                            state.finish_op(Ok(()));
+                            Ok(())
                         }
                     }
                     Err(err) => {
@@ -582,7 +585,11 @@ impl Actor for VmSupervisor {
                         if state.stopping || err.kind == ErrorKind::Cancelled {
                             let _ = state.transition(VmState::Stopping, "stop");
                             let _ = state.transition(VmState::Stopped, "stop");
-                            state.finish_op(if state.stopping { Ok(()) } else { Err(err) });
+                            if state.stopping {
+                                Ok(())
+                            } else {
+                                Err(err)
+                            }
                         } else if state.restarting {
                             // A restart that does not come up is another crash.
                             warn!(vm = %state.rec.name, error = %err, "restart failed");
@@ -591,20 +598,21 @@ impl Actor for VmSupervisor {
                             state.rec.console_tail =
                                 console_tail(&state.settings.console_log(&state.rec.id), 20);
                             let _ = state.transition(VmState::Crashed, "crash");
-                            state.finish_op(Err(err));
                             schedule_restart(state, &myself);
+                            Err(err)
                         } else {
                             state.rec.last_error = Some(err.to_string());
                             state.rec.console_tail =
                                 console_tail(&state.settings.console_log(&state.rec.id), 20);
                             let _ = state.transition(VmState::Failed, "start");
-                            state.finish_op(Err(err));
+                            Err(err)
                         }
                     }
-                }
+                };
                 state.stopping = false;
                 state.restarting = false;
                 state.persist().await;
+                state.finish_op(done);
             }
             VmMsg::StopDone {
                 generation,
@@ -613,14 +621,16 @@ impl Actor for VmSupervisor {
                 state.release_runtime().await;
                 let _ = state.transition(VmState::Stopped, "stop");
                 state.stopping = false;
-                match outcome {
-                    Ok(_) => state.finish_op(Ok(())),
+                let done = match outcome {
+                    Ok(_) => Ok(()),
                     Err(e) => {
                         state.rec.last_error = Some(e.to_string());
-                        state.finish_op(Err(e));
+                        Err(e)
                     }
-                }
+                };
+                // As for a boot: told once the `stopped` record is on disk.
                 state.persist().await;
+                state.finish_op(done);
             }
             VmMsg::VmmExited { generation, exit } if generation == state.generation => {
                 if state.stopping || state.rec.state == VmState::Stopping {
