@@ -6,8 +6,9 @@
 //! autogroup's nice (`/proc/self/autogroup`, when the session is its own)
 //! and every thread's. VMMs are
 //! started in sessions of their own (`POSIX_SPAWN_SETSID`), which gives
-//! them fresh autogroups at 0, from a thread set to nice 0, whose nice
-//! value they take (`banger_vmm::process::spawn_detached`).
+//! them fresh autogroups at 0, with the reset-on-fork flag set on the
+//! spawning thread for that moment, so they start at nice 0
+//! (`banger_vmm::process::spawn_detached`).
 
 use std::io;
 

@@ -151,10 +151,12 @@ pub fn find_binary(binary: &str) -> Result<std::path::PathBuf, VmmError> {
 /// tables are not copied and nothing of bangerd runs in the child, so a
 /// VMM launch costs a fraction of a millisecond rather than a `fork` of
 /// the whole daemon (several milliseconds here, more while other VMMs
-/// start). The spawning is done on a short-lived thread set to nice 0,
-/// because a child takes its nice value from the thread that spawns it
+/// start). A child takes its nice value from the thread that spawns it
 /// and bangerd's own threads run at the configured `nice` (-10 by
-/// default). `cmd`'s program, arguments and environment changes are used;
+/// default), so the calling thread carries the kernel's reset-on-fork
+/// flag for the moment of the spawn, which starts the child at nice 0 (a
+/// positive nice value, or a thread where the flag cannot be set, spawns
+/// from a short-lived thread set to nice 0 instead). `cmd`'s program, arguments and environment changes are used;
 /// stdio set on it is replaced as above, and a working directory set on it
 /// is refused (an error).
 pub fn spawn_detached(cmd: Command, output: &Path) -> Result<ProcessId, VmmError> {
@@ -375,6 +377,46 @@ mod tests {
             .to_string()
     }
 
+    /// Field 19 (nice) of `/proc/<pid>/stat`.
+    fn stat_nice(pid: u32) -> String {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        fields[19 - 3].to_string()
+    }
+
+    #[tokio::test]
+    async fn a_child_of_a_thread_at_negative_nice_starts_at_0_and_the_thread_is_unchanged() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: lowering a nice value needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o");
+        // As bangerd's threads: at a negative nice, spawning from
+        // themselves with reset-on-fork set for the moment.
+        let (id, before, after, policy, grandchild) = std::thread::spawn(move || {
+            // SAFETY: scheduling calls on this thread only.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -5) };
+            let before = spawn::thread_nice();
+            let mut cmd = Command::new("sleep");
+            cmd.arg("600");
+            let id = spawn_detached(cmd, &out).unwrap();
+            let after = spawn::thread_nice();
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            // A thread this one starts afterwards keeps its nice value.
+            let grandchild = std::thread::spawn(spawn::thread_nice).join().unwrap();
+            (id, before, after, policy, grandchild)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(before, -5);
+        assert_eq!((after, grandchild), (-5, -5), "the spawning thread changed");
+        assert_eq!(policy, libc::SCHED_OTHER, "reset-on-fork left set");
+        assert_eq!(stat_nice(id.pid), "0");
+        assert_eq!(kill_and_wait(id).await, Exit::Signal(libc::SIGKILL));
+    }
+
     #[tokio::test]
     async fn a_detached_child_leads_its_own_session_at_nice_0_with_default_signals() {
         let dir = tempfile::tempdir().unwrap();
@@ -409,7 +451,7 @@ mod tests {
         assert_eq!(fields[5 - 3], id.pid.to_string(), "process group: {stat}");
         assert_eq!(fields[6 - 3], id.pid.to_string(), "session: {stat}");
         let expected_nice = if may_lower { "0" } else { "3" };
-        assert_eq!(fields[19 - 3], expected_nice, "nice: {stat}");
+        assert_eq!(stat_nice(id.pid), expected_nice, "nice: {stat}");
         // The signals this process ignores (Rust ignores SIGPIPE) are back
         // to their defaults; whatever else it ignores was ignored before it
         // started and carries on. glibc's two internal signals (32 and 33,

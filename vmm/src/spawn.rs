@@ -43,16 +43,94 @@ pub(crate) fn in_new_session(cmd: &Command, out: &File) -> io::Result<u32> {
     }
     let env = environment(cmd)?;
     let out = out.as_raw_fd();
-    // The child inherits the nice value of the thread that spawns it, so
-    // that thread is one of our own, at nice 0 (Linux's nice value is per
-    // thread). Raising a nice value is always allowed; lowering it (from a
-    // positive configured `nice`) may not be, and then the child keeps it.
+    // The child inherits the nice value of the thread that spawns it
+    // (Linux's nice value is per thread), and bangerd's threads run at its
+    // configured `nice` (-10 by default).
+    match thread_nice() {
+        0 => spawn(&program, &args, &env, out),
+        // A negative value: the kernel's reset-on-fork flag, set on this
+        // thread for the moment of the spawn, starts the child at 0.
+        nice if nice < 0 => match ResetOnFork::set() {
+            Some(_reset) => spawn(&program, &args, &env, out),
+            None => spawn_from_nice_0_thread(&program, &args, &env, out),
+        },
+        // A positive one (reset-on-fork only resets negative values).
+        _ => spawn_from_nice_0_thread(&program, &args, &env, out),
+    }
+}
+
+/// The calling thread's nice value.
+pub(crate) fn thread_nice() -> i32 {
+    // SAFETY: getpriority on the calling thread. -1 is also a valid
+    // value; errno tells them apart, and an error (impossible for the
+    // calling thread) reads as 0.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if nice == -1 && *libc::__errno_location() != 0 {
+            0
+        } else {
+            nice
+        }
+    }
+}
+
+/// `SCHED_RESET_ON_FORK` (linux/sched.h), or-ed into a policy.
+const SCHED_RESET_ON_FORK: libc::c_int = 0x4000_0000;
+
+/// The reset-on-fork flag on the calling thread (`SCHED_OTHER`, its nice
+/// value kept), cleared again on drop. A child forked meanwhile starts at
+/// nice 0 and without the flag. This spawns from the calling thread
+/// itself: before, a thread of its own was made at nice 0 for each spawn,
+/// and under load that thread and the child waited several milliseconds
+/// for a CPU behind bangerd's own threads at nice -10.
+struct ResetOnFork;
+
+impl ResetOnFork {
+    /// `None` when the thread has another policy or the flag cannot be set.
+    fn set() -> Option<ResetOnFork> {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: scheduling calls on the calling thread (pid 0).
+        unsafe {
+            if libc::sched_getscheduler(0) != libc::SCHED_OTHER {
+                return None;
+            }
+            (libc::sched_setscheduler(0, libc::SCHED_OTHER | SCHED_RESET_ON_FORK, &param) == 0)
+                .then_some(ResetOnFork)
+        }
+    }
+}
+
+impl Drop for ResetOnFork {
+    fn drop(&mut self) {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as in `set`. Clearing the flag needs CAP_SYS_NICE, which
+        // a daemon that could lower its nice value has; without it, threads
+        // this one starts later begin at nice 0.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } != 0 {
+            tracing::warn!(
+                error = %io::Error::last_os_error(),
+                "cannot clear reset-on-fork after spawning a VMM"
+            );
+        }
+    }
+}
+
+/// The fallback: the spawn from a short-lived thread of our own set to
+/// nice 0. Raising a nice value is always allowed; lowering it (from a
+/// positive configured `nice`) may not be, and then the child keeps it.
+fn spawn_from_nice_0_thread(
+    program: &CString,
+    args: &[CString],
+    env: &[CString],
+    out: i32,
+) -> io::Result<u32> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: setpriority on the calling thread touches no Rust state.
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
-                spawn(&program, &args, &env, out)
+                spawn(program, args, env, out)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the spawning thread panicked")))
