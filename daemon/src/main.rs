@@ -59,6 +59,10 @@ fn main() -> ExitCode {
     let _cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking-pool threads (disk copies, store flushes) stay for a
+        // while when idle: a burst of creates would otherwise start a
+        // dozen threads again each time (tokio's default is 10 s).
+        .thread_keep_alive(std::time::Duration::from_secs(300))
         .build()
     {
         Ok(rt) => rt,

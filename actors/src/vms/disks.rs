@@ -90,12 +90,29 @@ pub async fn clone(src: &Path, dst: &Path) -> Result<CloneMethod, ErrorData> {
         .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))?
 }
 
-fn sparse_copy(mut input: File, mut output: File) -> std::io::Result<()> {
+/// Size of the copy buffer of [`sparse_copy`].
+const COPY_CHUNK: usize = 1 << 20;
+
+thread_local! {
+    /// The copy buffer of this (blocking-pool) thread, kept between
+    /// copies: a fresh 1 MiB buffer per copy cost an mmap, 256 page
+    /// faults and an munmap (or a 1 MiB memset), twice per create, which
+    /// showed in profiles of parallel creates.
+    static COPY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn sparse_copy(input: File, output: File) -> std::io::Result<()> {
+    COPY_BUF.with_borrow_mut(|buf| {
+        buf.resize(COPY_CHUNK, 0);
+        sparse_copy_with(input, output, buf)
+    })
+}
+
+fn sparse_copy_with(mut input: File, mut output: File, buf: &mut [u8]) -> std::io::Result<()> {
     let len = input.metadata()?.len();
     output.set_len(len)?;
     let fd = input.as_raw_fd();
     let mut pos: i64 = 0;
-    let mut buf = vec![0u8; 1 << 20];
     while (pos as u64) < len {
         // SAFETY: lseek on our own fd.
         let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
@@ -333,6 +350,29 @@ mod tests {
         }
         // The destination must be new.
         assert!(clone_file(&src, &dst).is_err());
+    }
+
+    #[test]
+    fn copies_on_one_thread_share_the_buffer_but_not_its_contents() {
+        // The copy buffer is kept per thread: what the first copy left in
+        // it must not leak into the second (a zero region in the middle
+        // of data, the first file's bytes at the same offsets).
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("first");
+        std::fs::write(&first, vec![0xaa; (COPY_CHUNK * 2) + 4096]).unwrap();
+        let mut second = vec![0x55; COPY_CHUNK * 2 + 4096];
+        second[COPY_CHUNK..COPY_CHUNK + 4096].fill(0);
+        second.truncate(COPY_CHUNK + 8192);
+        let src = dir.path().join("second");
+        std::fs::write(&src, &second).unwrap();
+        for (from, to) in [(&first, "a"), (&src, "b")] {
+            let dst = dir.path().join(to);
+            clone_file(from, &dst).unwrap();
+            assert!(
+                std::fs::read(from).unwrap() == std::fs::read(&dst).unwrap(),
+                "{to}"
+            );
+        }
     }
 
     #[tokio::test]
