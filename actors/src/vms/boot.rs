@@ -22,7 +22,7 @@ use super::agent::AgentConn;
 use super::disks;
 use super::oplog::OpLog;
 use super::record::{console_tail, VmRecord, VmSettings};
-use crate::ask::ask;
+use crate::ask::ask_patiently;
 use crate::names;
 use crate::network::dns::DnsMsg;
 use crate::network::taps::TapsMsg;
@@ -300,23 +300,20 @@ pub async fn boot(
     }
 }
 
-/// Returns the TAP and withdraws the DNS record (best effort: both are
-/// also reconciled at start-up).
+/// Returns the TAP and withdraws the DNS record, waiting out a restart
+/// of the TapPool or DNS actor (both are also reconciled at start-up).
 pub async fn undo_network(name: &str, tap: Option<String>, dns: bool) {
-    let timeout = Duration::from_secs(10);
     if let Some(tap) = tap {
-        let _ = ask(
-            names::TAPS,
-            |reply| TapsMsg::Release { tap, reply },
-            timeout,
-        )
-        .await;
+        super::recover::release_tap(name, &tap).await;
     }
     if dns {
-        let name = name.to_string();
-        let _ = ask(names::DNS, |reply| DnsMsg::Remove { name, reply }, timeout).await;
+        super::recover::withdraw_dns(name).await;
     }
 }
+
+/// How long a boot waits out a restart of the TapPool or DNS actor before
+/// its TAP or DNS step fails (the chaos tests kill them mid-create).
+const PATIENCE: Duration = Duration::from_secs(15);
 
 async fn boot_steps(
     mut rec: VmRecord,
@@ -334,10 +331,18 @@ async fn boot_steps(
         }
         let t = Instant::now();
         let owner = format!("vm:{}", rec.name);
-        let acquired = ask(
+        // Patient: a TapPool that died after handing out a TAP but before
+        // answering leaves that TAP recorded as this VM's, and it is
+        // released with the VM (recovery and delete release every TAP the
+        // VM owns).
+        let acquired = ask_patiently(
             names::TAPS,
-            |reply| TapsMsg::Acquire { owner, reply },
+            |reply| TapsMsg::Acquire {
+                owner: owner.clone(),
+                reply,
+            },
             timeout,
+            PATIENCE,
         )
         .await??;
         Ok::<_, ErrorData>(Some((acquired, t)))
@@ -436,7 +441,19 @@ async fn boot_steps(
             ip,
             source: "vm".into(),
         };
-        match ask(names::DNS, |reply| DnsMsg::Set { record, reply }, timeout).await {
+        // Patient (and idempotent): a VM must not come up without its name
+        // because the DNS actor was restarting at that moment.
+        let set = ask_patiently(
+            names::DNS,
+            |reply| DnsMsg::Set {
+                record: record.clone(),
+                reply,
+            },
+            timeout,
+            PATIENCE,
+        )
+        .await;
+        match set {
             Ok(Ok(())) => {
                 made.dns = true;
                 log.stage_done(
