@@ -377,6 +377,32 @@ pub async fn assert_holds_only(
             "DNS record {record:?} of no running VM: {listed:#?}"
         );
     }
+    // And every running VM has its name (a restarted daemon or
+    // supervisor publishes it again within moments).
+    if net.dns.listen.is_some() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut records = net.dns.records.clone();
+        loop {
+            let missing: Vec<&str> = listed
+                .iter()
+                .filter(|v| {
+                    !records
+                        .iter()
+                        .any(|r| r.source == "vm" && r.name == v.name && Some(r.ip) == v.ip)
+                })
+                .map(|v| v.name.as_str())
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "running VMs without their DNS record: {missing:?}; records {records:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            records = network(c).await.dns.records;
+        }
+    }
     let pooled: BTreeSet<String> = net
         .pool
         .warm
