@@ -29,10 +29,42 @@ pub enum StoreError {
     },
     #[error("database operation failed")]
     Db(#[from] sled::Error),
+    /// The database failed with an I/O error and could not be opened again
+    /// yet (the next request tries again).
+    #[error("the database at {} is closed after an I/O error and could not be opened again", path.display())]
+    Closed {
+        path: PathBuf,
+        /// Opening it failed because the disk is full.
+        full: bool,
+    },
+}
+
+/// Whether `err` says the disk is full. sled hands out copies of the
+/// error it keeps, which have the kind but not the OS error number.
+fn disk_full(err: &sled::Error) -> bool {
+    matches!(err, sled::Error::Io(e)
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull)
+}
+
+impl StoreError {
+    /// An I/O error: sled answers every later operation with it, so the
+    /// database must be opened again.
+    fn is_io(&self) -> bool {
+        matches!(self, StoreError::Db(sled::Error::Io(_)))
+    }
 }
 
 impl From<StoreError> for ErrorData {
     fn from(err: StoreError) -> Self {
+        let full = match &err {
+            StoreError::Db(e) | StoreError::Open { source: e, .. } => disk_full(e),
+            StoreError::Closed { full, .. } => *full,
+        };
+        if full {
+            return ErrorData::from_error(ErrorKind::InvalidState, &err).with_hint(
+                "the disk holding banger's state is full: free space or delete VMs/images",
+            );
+        }
         ErrorData::from_error(ErrorKind::Internal, &err)
             .with_hint("check free disk space and `banger daemon logs`")
     }
@@ -89,6 +121,8 @@ pub enum StoreMsg {
     Stats {
         reply: RpcReplyPort<Result<StoreStats, ErrorData>>,
     },
+    /// A flush beside the mailbox failed with an I/O error.
+    Failed,
 }
 
 impl std::fmt::Debug for StoreMsg {
@@ -102,6 +136,7 @@ impl std::fmt::Debug for StoreMsg {
             StoreMsg::Scan { .. } => "Scan",
             StoreMsg::Tail { .. } => "Tail",
             StoreMsg::Stats { .. } => "Stats",
+            StoreMsg::Failed => "Failed",
         };
         f.write_str(name)
     }
@@ -117,8 +152,17 @@ pub struct StoreArgs {
 
 #[derive(Debug)]
 pub struct StoreState {
-    db: sled::Db,
+    /// `None` only while it could not be opened again after a failure.
+    db: Option<sled::Db>,
+    /// Why it could not be opened again: the disk is full.
+    full: bool,
     path: PathBuf,
+    /// sled stops working for good after an I/O error (a full disk, say):
+    /// it answers every later operation with that error, even once space
+    /// is freed. When one is seen, the database is closed and opened
+    /// again before the next message: what was acknowledged is on disk,
+    /// and what failed was answered with an error.
+    failed: bool,
 }
 
 /// Opens the database, waiting briefly if a previous incarnation of this
@@ -157,24 +201,74 @@ impl StoreState {
     /// rather than queueing one each behind the others.
     fn ack_when_durable<T: Send + 'static>(
         &self,
+        myself: &ActorRef<StoreMsg>,
         reply: RpcReplyPort<Result<T, ErrorData>>,
         value: T,
     ) {
-        let db = self.db.clone();
+        let db = match self.db() {
+            Ok(db) => db.clone(),
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let me = myself.clone();
         // A blocking flush on the blocking pool: sled 0.34's `flush_async`
         // deadlocks when several run at once (spacejam/sled#1308), and
         // here several do.
         tokio::task::spawn_blocking(move || {
-            let res = db
-                .flush()
-                .map(|_| value)
-                .map_err(|e| ErrorData::from(StoreError::from(e)));
-            let _ = reply.send(res);
+            let res = db.flush().map(|_| value).map_err(StoreError::from);
+            if res.as_ref().is_err_and(StoreError::is_io) {
+                let _ = me.cast(StoreMsg::Failed);
+            }
+            let _ = reply.send(res.map_err(ErrorData::from));
         });
     }
 
+    fn db(&self) -> Result<&sled::Db, StoreError> {
+        self.db.as_ref().ok_or_else(|| StoreError::Closed {
+            path: self.path.clone(),
+            full: self.full,
+        })
+    }
+
     fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
+        Ok(self.db()?.open_tree(name)?)
+    }
+
+    /// Notes an I/O error in `result` (see [`StoreState::failed`]).
+    fn check<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.as_ref().is_err_and(StoreError::is_io) {
+            self.failed = true;
+        }
+        result
+    }
+
+    /// Closes the failed database and opens it again (sled recovers its
+    /// log as after a crash). Flushes still running hold the old one's
+    /// file lock for a moment; `open` waits for them.
+    async fn reopen(&mut self) {
+        warn!(path = %self.path.display(), "the store failed with an I/O error: opening it again");
+        self.db = None;
+        let path = self.path.clone();
+        match tokio::task::spawn_blocking(move || open(&path)).await {
+            Ok(Ok(db)) => {
+                info!(path = %self.path.display(), "store opened again");
+                self.db = Some(db);
+                self.failed = false;
+                self.full = false;
+            }
+            Ok(Err(e)) => {
+                self.full = matches!(&e, StoreError::Open { source, .. } if disk_full(source));
+                warn!(
+                error = %ErrorData::from_error(ErrorKind::Internal, &e),
+                    "opening the store again failed; retrying with the next request"
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, "opening the store again failed; retrying with the next request")
+            }
+        }
     }
 
     /// `puts` in one sled transaction over the trees they name.
@@ -213,18 +307,19 @@ impl StoreState {
     fn stats(&self) -> Result<StoreStats, StoreError> {
         let mut records = 0u64;
         let mut trees = 0u64;
-        for name in self.db.tree_names() {
+        let db = self.db()?;
+        for name in db.tree_names() {
             if name.as_ref() == b"__sled__default" {
                 continue;
             }
             trees += 1;
-            records += self.db.open_tree(name)?.len() as u64;
+            records += db.open_tree(name)?.len() as u64;
         }
         Ok(StoreStats {
             path: self.path.display().to_string(),
             trees,
             records,
-            size_on_disk: self.db.size_on_disk()?,
+            size_on_disk: db.size_on_disk()?,
         })
     }
 }
@@ -243,8 +338,10 @@ impl Actor for Store {
         let db = tokio::task::spawn_blocking(move || open(&path)).await??;
         info!(path = %args.path.display(), recovered = db.was_recovered(), "store opened");
         Ok(StoreState {
-            db,
+            db: Some(db),
+            full: false,
             path: args.path,
+            failed: false,
         })
     }
 
@@ -253,7 +350,9 @@ impl Actor for Store {
         _myself: ActorRef<StoreMsg>,
         state: &mut StoreState,
     ) -> Result<(), ActorProcessingErr> {
-        let db = state.db.clone();
+        let Some(db) = state.db.clone() else {
+            return Ok(());
+        };
         let flushed = tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| e.to_string())
@@ -267,25 +366,37 @@ impl Actor for Store {
 
     async fn handle(
         &self,
-        _myself: ActorRef<StoreMsg>,
+        myself: ActorRef<StoreMsg>,
         msg: StoreMsg,
         state: &mut StoreState,
     ) -> Result<(), ActorProcessingErr> {
         // Domain errors go back through the reply port; only a failure to
         // even reach the database would be worth dying for, and sled
         // reports those as errors too, so the actor never returns Err.
+        // After an I/O error the database is opened again first.
+        if matches!(msg, StoreMsg::Failed) {
+            state.failed = true;
+            return Ok(());
+        }
+        if state.failed {
+            state.reopen().await;
+        }
         match msg {
+            StoreMsg::Failed => {}
             StoreMsg::Put {
                 tree,
                 key,
                 value,
                 reply,
-            } => match state.tree(&tree).and_then(|t| Ok(t.insert(key, value)?)) {
-                Ok(_) => state.ack_when_durable(reply, ()),
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
+            } => {
+                let inserted = state.tree(&tree).and_then(|t| Ok(t.insert(key, value)?));
+                match state.check(inserted) {
+                    Ok(_) => state.ack_when_durable(&myself, reply, ()),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-            },
+            }
             StoreMsg::Batch {
                 tree,
                 puts,
@@ -299,27 +410,32 @@ impl Actor for Store {
                 for k in removes {
                     batch.remove(k);
                 }
-                match state.tree(&tree).and_then(|t| Ok(t.apply_batch(batch)?)) {
-                    Ok(()) => state.ack_when_durable(reply, ()),
+                let applied = state.tree(&tree).and_then(|t| Ok(t.apply_batch(batch)?));
+                match state.check(applied) {
+                    Ok(()) => state.ack_when_durable(&myself, reply, ()),
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));
                     }
                 }
             }
-            StoreMsg::PutAll { puts, reply } => match state.put_all(&puts) {
-                Ok(()) => state.ack_when_durable(reply, ()),
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
+            StoreMsg::PutAll { puts, reply } => {
+                let applied = state.put_all(&puts);
+                match state.check(applied) {
+                    Ok(()) => state.ack_when_durable(&myself, reply, ()),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-            },
+            }
             StoreMsg::Get { tree, key, reply } => {
                 let res =
                     (|| Ok::<_, StoreError>(state.tree(&tree)?.get(key)?.map(|v| v.to_vec())))();
-                let _ = reply.send(res.map_err(ErrorData::from));
+                let _ = reply.send(state.check(res).map_err(ErrorData::from));
             }
             StoreMsg::Delete { tree, key, reply } => {
-                match state.tree(&tree).and_then(|t| Ok(t.remove(key)?)) {
-                    Ok(old) => state.ack_when_durable(reply, old.is_some()),
+                let removed = state.tree(&tree).and_then(|t| Ok(t.remove(key)?));
+                match state.check(removed) {
+                    Ok(old) => state.ack_when_durable(&myself, reply, old.is_some()),
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));
                     }
@@ -340,7 +456,7 @@ impl Actor for Store {
                         })
                         .collect::<Result<Entries, StoreError>>()
                 })();
-                let _ = reply.send(res.map_err(ErrorData::from));
+                let _ = reply.send(state.check(res).map_err(ErrorData::from));
             }
             StoreMsg::Tail { tree, limit, reply } => {
                 let res = (|| {
@@ -357,10 +473,11 @@ impl Actor for Store {
                     out.reverse();
                     Ok::<_, StoreError>(out)
                 })();
-                let _ = reply.send(res.map_err(ErrorData::from));
+                let _ = reply.send(state.check(res).map_err(ErrorData::from));
             }
             StoreMsg::Stats { reply } => {
-                let _ = reply.send(state.stats().map_err(ErrorData::from));
+                let stats = state.stats();
+                let _ = reply.send(state.check(stats).map_err(ErrorData::from));
             }
         }
         Ok(())

@@ -91,6 +91,9 @@ pub struct TestDaemonBuilder {
     wrapper: Option<PathBuf>,
     /// Start `bangerd` in a session of its own (see [`Self::own_session`]).
     own_session: bool,
+    /// Size in MiB of a tmpfs mounted on the state directory (see
+    /// [`Self::state_on_tmpfs`]).
+    state_tmpfs_mib: Option<u64>,
 }
 
 impl TestDaemonBuilder {
@@ -119,6 +122,14 @@ impl TestDaemonBuilder {
         self
     }
 
+    /// Puts the daemon's state directory (database, images, VM disks) on a
+    /// tmpfs of `mib` MiB of its own, so a test can fill it up. It is
+    /// unmounted (lazily) when the daemon is dropped.
+    pub fn state_on_tmpfs(mut self, mib: u64) -> Self {
+        self.state_tmpfs_mib = Some(mib);
+        self
+    }
+
     /// Creates the directories and starts `bangerd`, waiting until it
     /// answers a handshake. Panics (with the daemon's stderr) if it exits
     /// or is not ready within [`READY_TIMEOUT`].
@@ -140,6 +151,23 @@ impl TestDaemonBuilder {
         }
         fs::set_permissions(dir.path().join("run"), fs::Permissions::from_mode(0o700))
             .expect("chmod runtime dir");
+        let state_tmpfs = self.state_tmpfs_mib.map(|mib| {
+            let state = dir.path().join("state");
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={mib}m,mode=0755"))
+                .arg("banger-test-state")
+                .arg(&state)
+                .output()
+                .expect("run mount");
+            assert!(
+                out.status.success(),
+                "mounting a tmpfs on {}: {}",
+                state.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            state
+        });
         let netns = self.netns.then(netns::NetNs::create);
         let config = self.config.as_deref().unwrap_or("");
         let config = match netns {
@@ -157,6 +185,7 @@ impl TestDaemonBuilder {
             netns,
             wrapper: self.wrapper,
             own_session: self.own_session,
+            state_tmpfs,
         };
         let path = daemon.paths().config_file();
         fs::create_dir_all(path.parent().expect("config dir")).expect("create config dir");
@@ -194,6 +223,9 @@ pub struct TestDaemon {
     netns: Option<netns::NetNs>,
     wrapper: Option<PathBuf>,
     own_session: bool,
+    /// The state directory when it is a tmpfs of the test's, unmounted on
+    /// drop.
+    state_tmpfs: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -590,6 +622,10 @@ impl Drop for TestDaemon {
             unsafe {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
+        }
+        if let Some(state) = &self.state_tmpfs {
+            // Lazily: a VMM just killed may still hold a disk open.
+            let _ = Command::new("umount").arg("-l").arg(state).status();
         }
     }
 }
