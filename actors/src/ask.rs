@@ -8,7 +8,7 @@ use ractor::{rpc::CallResult, ActorRef, Message, RpcReplyPort};
 
 /// Looks up the actor registered as `name`.
 pub fn lookup<M: Message>(name: &str) -> Result<ActorRef<M>, ErrorData> {
-    ractor::registry::where_is(name.to_string())
+    ractor::registry::where_is(name)
         .map(ActorRef::<M>::from)
         .ok_or_else(|| unavailable(name, "is not running"))
 }

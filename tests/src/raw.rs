@@ -14,6 +14,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 /// What reading from the daemon produced.
+// Short-lived, like `ServerMessage` itself.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Received {
     Message(ServerMessage),

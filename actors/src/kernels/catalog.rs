@@ -115,8 +115,6 @@ mod tests {
     }
 }
 
-use std::path::PathBuf;
-
 use banger_image::unpack::{Compression, Limits, Unpacker};
 use banger_protocol::KernelInfo;
 
@@ -322,9 +320,7 @@ fn find_artifacts(tree: &std::path::Path, format: &str) -> Option<KernelSource> 
         .map(|n| tree.join(n))
         .find(|p| p.is_file())?;
     let initrd = Some(tree.join("initrd.img")).filter(|p| p.is_file());
-    let modules = Some(tree.join("modules"))
-        .filter(|p| p.is_dir())
-        .map(PathBuf::from);
+    let modules = Some(tree.join("modules")).filter(|p| p.is_dir());
     Some(KernelSource {
         kernel,
         initrd,

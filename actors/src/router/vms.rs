@@ -254,8 +254,9 @@ async fn create(req: VmCreateRequest, rctx: &RequestCtx) -> Result<VmInfo, Error
         if let Err(e) = &result {
             info!(vm = %job_name, error = %e, "create failed");
         }
-        let _ = crate::ask::lookup::<VmsMsg>(names::VMS)
-            .map(|m| m.cast(VmsMsg::Unclaim { name: job_name }));
+        if let Ok(manager) = crate::ask::lookup::<VmsMsg>(names::VMS) {
+            let _ = manager.cast(VmsMsg::Unclaim { name: job_name });
+        }
         job_log.finish(result);
     });
     if detach {
