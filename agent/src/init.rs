@@ -28,8 +28,10 @@ use tracing::{error, info, warn};
 
 /// Modules the agent needs; a failure is logged.
 const REQUIRED_MODULES: [&str; 2] = ["virtio_net", "virtio_console"];
-/// Loaded when the kernel has them as modules (Firecracker's vsock).
-const OPTIONAL_MODULES: [&str; 1] = ["vmw_vsock_virtio_transport"];
+/// Loaded when the kernel has them as modules: Firecracker's vsock, and
+/// the driver of QEMU's pvpanic device (probed by its ACPI id; udev loads
+/// it in images with systemd), so a guest panic makes QEMU exit at once.
+const OPTIONAL_MODULES: [&str; 2] = ["vmw_vsock_virtio_transport", "pvpanic_mmio"];
 /// How long to wait for the NIC to appear.
 const NIC_WAIT: Duration = Duration::from_secs(30);
 

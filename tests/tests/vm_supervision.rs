@@ -146,8 +146,15 @@ async fn a_killed_or_panicked_vm_is_restarted_and_a_crash_loop_ends_failed() {
     assert_serving(&d, &mut c, &second, listen).await;
     let pid2 = second.pid.expect("pid");
 
-    // Crash 2: a guest kernel panic (QEMU then exits 0, as after a
-    // power-off; the reset and the console tell it apart). Restarted.
+    // Crash 2: a guest kernel panic. The agent as init has loaded the
+    // pvpanic driver, so QEMU reports it (GUEST_PANICKED) and exits at
+    // once; without it QEMU exits 0 after the reset, as after a power-off,
+    // and the console tells them apart. Restarted either way.
+    let (_, modules, _) = exec(&mut c, "sup", &["busybox", "cat", "/proc/modules"]).await;
+    assert!(
+        modules.lines().any(|l| l.starts_with("pvpanic_mmio ")),
+        "the agent did not load pvpanic_mmio: {modules}"
+    );
     exec_and_forget(&d, "sup", &["sh", "-c", "echo c > /proc/sysrq-trigger"]).await;
     let third = wait_vm(&mut c, "sup", "restarted after a panic", BOOT, |v| {
         v.state == VmState::Running && v.pid.is_some_and(|p| p != pid2)
