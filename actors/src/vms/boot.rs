@@ -507,11 +507,19 @@ async fn wait_agent(
             match handle.connect_agent().await {
                 Ok(stream) => {
                     let conn = AgentConn::start(stream);
-                    // Keep saying hello on this connection until the guest opens its end.
+                    // Keep saying hello on this connection until the guest
+                    // opens its end. Under QEMU what is sent before that
+                    // waits in the socket and reaches the agent all at once,
+                    // so the hellos are spaced out more and more (2, 4, 8,
+                    // then every 16 s) rather than piling up every 2 s
+                    // through a long boot; the answer to the last one
+                    // comes right after the others'.
+                    let mut every = Duration::from_secs(2);
                     while Instant::now() < deadline && !conn.is_closed() {
-                        if conn.client.hello(Duration::from_secs(2)).await.is_ok() {
+                        if conn.client.hello(every).await.is_ok() {
                             return Ok(conn);
                         }
+                        every = (every * 2).min(Duration::from_secs(16));
                     }
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
