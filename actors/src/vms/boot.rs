@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use banger_protocol::agent::cmdline as keys;
-use banger_protocol::{DnsRecord, ErrorData, ErrorKind};
+use banger_protocol::{ErrorData, ErrorKind};
 use banger_vmm::{
     DiskFormat, DiskSpec, MachineSpec, NetSpec, ProcessId, VmmBackend, VmmHandle, VmmKind,
 };
@@ -24,7 +24,6 @@ use super::oplog::OpLog;
 use super::record::{console_tail, VmRecord, VmSettings};
 use crate::ask::ask_patiently;
 use crate::names;
-use crate::network::dns::DnsMsg;
 use crate::network::taps::TapsMsg;
 
 /// Facts reported to the supervisor while the boot runs.
@@ -311,8 +310,8 @@ pub async fn undo_network(name: &str, tap: Option<String>, dns: bool) {
     }
 }
 
-/// How long a boot waits out a restart of the TapPool or DNS actor before
-/// its TAP or DNS step fails (the chaos tests kill them mid-create).
+/// How long a boot waits out a restart of the TapPool before its TAP
+/// step fails (the chaos tests kill it mid-create).
 const PATIENCE: Duration = Duration::from_secs(15);
 
 async fn boot_steps(
@@ -436,25 +435,10 @@ async fn boot_steps(
 
     if let Some(ip) = rec.ip {
         let t = Instant::now();
-        let record = DnsRecord {
-            name: rec.name.clone(),
-            ip,
-            source: "vm".into(),
-        };
-        // Patient (and idempotent): a VM must not come up without its name
-        // because the DNS actor was restarting at that moment.
-        let set = ask_patiently(
-            names::DNS,
-            |reply| DnsMsg::Set {
-                record: record.clone(),
-                reply,
-            },
-            timeout,
-            PATIENCE,
-        )
-        .await;
-        match set {
-            Ok(Ok(())) => {
+        // Patient: a VM must not come up without its name because the DNS
+        // actor was restarting at that moment.
+        match super::recover::publish_dns(&rec.name, ip).await {
+            Ok(()) => {
                 made.dns = true;
                 log.stage_done(
                     "dns",
@@ -467,7 +451,7 @@ async fn boot_steps(
                 );
             }
             // DNS disabled or down: the VM is still usable by address.
-            Ok(Err(e)) | Err(e) => log.progress("dns", format!("no DNS record: {e}")),
+            Err(e) => log.progress("dns", format!("no DNS record: {e}")),
         }
     }
 

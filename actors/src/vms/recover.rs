@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::agent::AgentConn;
 use super::boot;
 use super::record::{VmRecord, VmSettings};
-use crate::ask::{ask, ask_patiently};
+use crate::ask::ask_patiently;
 use crate::names;
 use crate::network::dns::DnsMsg;
 use crate::network::taps::TapsMsg;
@@ -85,6 +85,26 @@ pub(crate) async fn release_tap(vm: &str, tap: &str) {
         Ok(Err(e)) if e.kind == ErrorKind::NotFound => {}
         Ok(Err(e)) | Err(e) => warn!(%vm, %tap, error = %e, "releasing the TAP failed"),
     }
+}
+
+/// Publishes the `<vm>.vm` record for `ip`, waiting out a restart of the
+/// DNS actor (idempotent: the record replaces any of the same name).
+pub(crate) async fn publish_dns(vm: &str, ip: std::net::Ipv4Addr) -> Result<(), ErrorData> {
+    let record = DnsRecord {
+        name: vm.to_string(),
+        ip,
+        source: "vm".into(),
+    };
+    ask_patiently(
+        names::DNS,
+        |reply| DnsMsg::Set {
+            record: record.clone(),
+            reply,
+        },
+        ASK_TIMEOUT,
+        PATIENCE,
+    )
+    .await?
 }
 
 /// Withdraws the `<vm>.vm` DNS record (none: fine).
@@ -193,18 +213,10 @@ pub async fn recover(rec: &mut VmRecord, settings: &VmSettings) -> Option<Arc<dy
             }
         }
         if let Some(ip) = rec.ip {
-            let record = DnsRecord {
-                name: rec.name.clone(),
-                ip,
-                source: "vm".into(),
-            };
             // DNS disabled or down: the VM is still usable by address.
-            let _ = ask(
-                names::DNS,
-                |reply| DnsMsg::Set { record, reply },
-                Duration::from_secs(10),
-            )
-            .await;
+            if let Err(e) = publish_dns(&rec.name, ip).await {
+                warn!(vm = %rec.name, error = %e, "publishing the DNS record failed");
+            }
         }
         return adopted;
     }
