@@ -260,13 +260,11 @@ impl StoreState {
             }
             Ok(Err(e)) => {
                 self.full = matches!(&e, StoreError::Open { source, .. } if disk_full(source));
-                warn!(
-                error = %ErrorData::from_error(ErrorKind::Internal, &e),
-                    "opening the store again failed; retrying with the next request"
-                )
+                let e = ErrorData::from_error(ErrorKind::Internal, &e);
+                warn!(error = %e, "opening the store again failed; retrying with the next request");
             }
             Err(e) => {
-                warn!(error = %e, "opening the store again failed; retrying with the next request")
+                warn!(error = %e, "opening the store again failed; retrying with the next request");
             }
         }
     }
@@ -374,15 +372,11 @@ impl Actor for Store {
         // even reach the database would be worth dying for, and sled
         // reports those as errors too, so the actor never returns Err.
         // After an I/O error the database is opened again first.
-        if matches!(msg, StoreMsg::Failed) {
-            state.failed = true;
-            return Ok(());
-        }
-        if state.failed {
+        if state.failed && !matches!(msg, StoreMsg::Failed) {
             state.reopen().await;
         }
         match msg {
-            StoreMsg::Failed => {}
+            StoreMsg::Failed => state.failed = true,
             StoreMsg::Put {
                 tree,
                 key,

@@ -13,7 +13,7 @@ use banger_protocol::client::ClientError;
 use banger_protocol::{ExitStatus, Request, Response, VmCreateRequest, VmState};
 use banger_tests::artifacts::run;
 use banger_tests::vm::{
-    assert_holds_only, busybox_setup_with, exec_eventually, nft_ruleset, vm_config, BOOT, SHORT,
+    assert_holds_only, busybox_setup_with, exec_eventually, nft_ruleset, vm, vm_config, BOOT, SHORT,
 };
 use banger_tests::TestDaemon;
 
@@ -59,10 +59,7 @@ async fn a_full_disk_fails_a_create_cleanly_and_loses_nothing() {
 
     // A VM runs before the disk fills up (its disks, the image's disk
     // templates and the modules disk exist by then).
-    let keep = match run(&mut c, create(&image, "keep"), BOOT).await.result {
-        Ok(Response::Vm(info)) => info,
-        other => panic!("create keep: {other:?}"),
-    };
+    let keep = vm(&mut c, create(&image, "keep"), BOOT).await;
     assert_eq!(keep.state, VmState::Running);
     let nft = nft_ruleset(&d);
 
@@ -115,10 +112,7 @@ async fn a_full_disk_fails_a_create_cleanly_and_loses_nothing() {
 
     // Space again: the same create works, and the database lost nothing.
     std::fs::remove_file(&filler).expect("remove the filler");
-    let again = match run(&mut c, create(&image, "full"), BOOT).await.result {
-        Ok(Response::Vm(info)) => info,
-        other => panic!("create after freeing space: {other:?}"),
-    };
+    let again = vm(&mut c, create(&image, "full"), BOOT).await;
     assert_eq!(again.state, VmState::Running);
     assert_holds_only(&d, &mut c, &["keep", "full"], &nft).await;
     let (status, out, _) = exec_eventually(&mut c, "full", &["busybox", "hostname"], SHORT).await;

@@ -156,9 +156,10 @@ pub fn find_binary(binary: &str) -> Result<std::path::PathBuf, VmmError> {
 /// default), so the calling thread carries the kernel's reset-on-fork
 /// flag for the moment of the spawn, which starts the child at nice 0 (a
 /// positive nice value, or a thread where the flag cannot be set, spawns
-/// from a short-lived thread set to nice 0 instead). `cmd`'s program, arguments and environment changes are used;
-/// stdio set on it is replaced as above, and a working directory set on it
-/// is refused (an error).
+/// from a short-lived thread set to nice 0 instead). `cmd`'s program,
+/// arguments and environment changes are used; stdio set on it is
+/// replaced as above, and a working directory set on it is refused (an
+/// error).
 pub fn spawn_detached(cmd: Command, output: &Path) -> Result<ProcessId, VmmError> {
     let binary = cmd.get_program().to_string_lossy().into_owned();
     let out = std::fs::OpenOptions::new()
