@@ -852,8 +852,15 @@ mod tests {
         assert!(err.to_string().contains("is in use"), "{err}");
         assert!(paths.qmp.exists());
 
-        // A stale socket (nobody listening) is removed.
+        // A stale socket (nobody listening) is removed. A child another
+        // test is spawning holds a copy of the listener until its exec, so
+        // wait until nobody answers any more.
         drop(_live);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::os::unix::net::UnixStream::connect(&paths.qmp).is_ok() {
+            assert!(Instant::now() < deadline, "the listener stays open");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         std::fs::write(&paths.agent, b"").unwrap();
         let err = QemuBackend::with_binary("/bin/false")
             .launch(&spec)
