@@ -164,6 +164,10 @@ pub struct VmArgs {
     /// Only the create benchmark: no golden image build, no SSH-ready comparison.
     #[arg(long)]
     pub skip_ssh: bool,
+    /// Print each create's control-plane events (stage, when it ended by
+    /// the daemon's clock, its own time) as it finishes.
+    #[arg(long)]
+    pub timeline: bool,
     /// `[vm] accel` of the daemons. `auto` is resolved by the first
     /// daemon's probe boot, and the second daemon is given the result.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]

@@ -92,7 +92,12 @@ pub struct Rounds {
 }
 
 /// The untimed create, then `runs` rounds of 1 and `parallel` creates.
-pub async fn measure(setup: &Setup, runs: u32, parallel: u32) -> anyhow::Result<Rounds> {
+pub async fn measure(
+    setup: &Setup,
+    runs: u32,
+    parallel: u32,
+    show_timeline: bool,
+) -> anyhow::Result<Rounds> {
     let socket = setup.daemon.socket();
     let mut admin = connect(&socket).await?;
     let mut rounds = Rounds::default();
@@ -113,6 +118,9 @@ pub async fn measure(setup: &Setup, runs: u32, parallel: u32) -> anyhow::Result<
         delete(&mut admin, &name).await?;
         let (one, _) = created?;
         note(format!("round {round}/{runs}, 1 create: {}", brief(&one)));
+        if show_timeline {
+            note(format!("  {}", one.timeline()));
+        }
         rounds.single.push(one);
         wait_pool(&mut admin, setup.pool).await?;
 
@@ -160,6 +168,21 @@ pub async fn measure(setup: &Setup, runs: u32, parallel: u32) -> anyhow::Result<
             fmt_duration(launched),
             fmt_duration(done.iter().map(|c| c.total).max().unwrap_or_default())
         ));
+        if show_timeline {
+            let mut lines: Vec<(u64, String)> = done
+                .iter()
+                .map(|c| {
+                    let at = c
+                        .control_plane()
+                        .map_or(u64::MAX, |cp| cp.daemon.as_millis() as u64);
+                    (at, c.timeline())
+                })
+                .collect();
+            lines.sort();
+            for (_, line) in lines {
+                note(format!("  {line}"));
+            }
+        }
         rounds.parallel.push(done);
         wait_pool(&mut admin, setup.pool).await?;
     }

@@ -135,7 +135,7 @@ async fn measure(args: VmArgs) -> anyhow::Result<Measured> {
          busybox image from a local registry"
     ));
     let mut setup = creates::setup(args.accel.as_str(), pool).await?;
-    let rounds = creates::measure(&setup, args.runs, args.parallel).await;
+    let rounds = creates::measure(&setup, args.runs, args.parallel, args.timeline).await;
     creates::stop(&mut setup.daemon);
     // Removes the namespace, the daemon's directories and the registry.
     drop(setup);

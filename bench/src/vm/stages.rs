@@ -126,6 +126,25 @@ impl Create {
         })
     }
 
+    /// The events up to the VMM launch, for `--timeline`:
+    /// `stage@elapsed_ms(own ms)`, the launch with its VMM start-up.
+    pub fn timeline(&self) -> String {
+        let mut out = Vec::new();
+        for e in &self.events {
+            let vmm = vmm_start_up_ms(&e.detail)
+                .map(|ms| format!(", VMM start-up {ms}"))
+                .unwrap_or_default();
+            let own = stage_ms(&e.detail)
+                .map(|ms| format!("({ms}{vmm})"))
+                .unwrap_or_default();
+            out.push(format!("{}@{}{own}", e.stage, e.elapsed_ms));
+            if e.stage == LAUNCH && !own.is_empty() {
+                break;
+            }
+        }
+        out.join(" ")
+    }
+
     /// Events of `stage` whose detail contains `text`.
     pub fn count(&self, stage: &str, text: &str) -> usize {
         self.events
@@ -193,6 +212,15 @@ mod tests {
             elapsed_ms,
             received: Duration::from_millis(received_ms),
         }
+    }
+
+    #[test]
+    fn the_timeline_ends_at_the_launch() {
+        assert_eq!(
+            create().timeline(),
+            "resolve@1(1) reserve@2(0) disks@24(21) disks@55(30) network@57(1) \
+             launch@140(80, VMM start-up 70)"
+        );
     }
 
     /// A create as the daemon reports one (details as in `boot.rs`).
