@@ -98,6 +98,17 @@ async fn busybox_vm_runs_with_the_agent_as_init_and_leaves_nothing_behind() {
             "no {stage} stage in {stages:?}"
         );
     }
+    // The pool is warm by now (the image pull took longer than filling
+    // it): the TAP came with the reservation, in its one durable write.
+    let tap_event = outcome
+        .progress
+        .iter()
+        .find(|p| p.stage == "network")
+        .expect("a network event");
+    assert!(
+        tap_event.detail.contains("with the reservation"),
+        "the TAP was not handed out with the reservation: {tap_event:?}"
+    );
     assert_eq!(info.state, VmState::Running);
     assert_eq!(info.vmm, "qemu");
     assert_eq!(info.accel.as_deref(), Some("tcg"));

@@ -32,8 +32,13 @@ pub struct ImageCatalog {
 }
 
 impl ImageCatalog {
+    /// The catalog built into banger (parsed once: every create resolves
+    /// its image against it).
     pub fn embedded() -> Self {
-        Self::parse(EMBEDDED).unwrap_or(Self { images: Vec::new() })
+        static PARSED: std::sync::OnceLock<ImageCatalog> = std::sync::OnceLock::new();
+        PARSED
+            .get_or_init(|| Self::parse(EMBEDDED).unwrap_or(Self { images: Vec::new() }))
+            .clone()
     }
 
     pub fn parse(text: &str) -> Result<Self, ErrorData> {

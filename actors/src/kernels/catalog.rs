@@ -34,10 +34,16 @@ pub struct KernelCatalog {
 }
 
 impl KernelCatalog {
+    /// The catalog built into banger (parsed once).
     pub fn embedded() -> Self {
-        Self::parse(EMBEDDED, "embedded kernel catalog").unwrap_or(Self {
-            kernels: Vec::new(),
-        })
+        static PARSED: std::sync::OnceLock<KernelCatalog> = std::sync::OnceLock::new();
+        PARSED
+            .get_or_init(|| {
+                Self::parse(EMBEDDED, "embedded kernel catalog").unwrap_or(Self {
+                    kernels: Vec::new(),
+                })
+            })
+            .clone()
     }
 
     /// The catalog to use: `path` when given, else the embedded one.

@@ -47,15 +47,39 @@ pub struct Acquired {
 }
 
 /// A record written in the same atomic, durable step as a new lease,
-/// made from the lease's address: the VmManager's `created` record, which
-/// holds it. A crash then leaves both or neither, and a create waits for
-/// one flush instead of two in a row.
-pub struct WithLease(Box<dyn FnOnce(Ipv4Addr) -> Result<TreePut, ErrorData> + Send>);
+/// made from the lease's address and the TAP handed out with it (see
+/// [`WithLease::with_tap`]): the VmManager's `created` record, which holds
+/// both. A crash then leaves all or none, and a create waits for one flush
+/// instead of one per step.
+pub struct WithLease {
+    make: Box<dyn FnOnce(Ipv4Addr, Option<&str>) -> Result<TreePut, ErrorData> + Send>,
+    tap: bool,
+}
 
 impl WithLease {
-    pub fn new(make: impl FnOnce(Ipv4Addr) -> Result<TreePut, ErrorData> + Send + 'static) -> Self {
-        Self(Box::new(make))
+    pub fn new(
+        make: impl FnOnce(Ipv4Addr, Option<&str>) -> Result<TreePut, ErrorData> + Send + 'static,
+    ) -> Self {
+        Self {
+            make: Box::new(make),
+            tap: false,
+        }
     }
+
+    /// Also hands a warm TAP to the lease's owner, in the same write, when
+    /// the pool has one (none otherwise: the boot takes one then).
+    pub fn with_tap(mut self) -> Self {
+        self.tap = true;
+        self
+    }
+}
+
+/// What a reservation got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub lease: Lease,
+    /// The warm TAP handed out with it (see [`WithLease::with_tap`]).
+    pub tap: Option<String>,
 }
 
 impl std::fmt::Debug for WithLease {
@@ -79,7 +103,7 @@ pub enum TapsMsg {
         ip: Option<Ipv4Addr>,
         /// Written together with the lease.
         with: Option<WithLease>,
-        reply: RpcReplyPort<Result<Lease, ErrorData>>,
+        reply: RpcReplyPort<Result<Reservation, ErrorData>>,
     },
     Unreserve {
         owner: String,
@@ -562,36 +586,68 @@ fn reserve(
     owner: String,
     ip: Option<Ipv4Addr>,
     with: Option<WithLease>,
-    reply: RpcReplyPort<Result<Lease, ErrorData>>,
+    reply: RpcReplyPort<Result<Reservation, ErrorData>>,
 ) {
-    let puts = new_lease(state, owner, ip).and_then(|lease| {
-        let mut puts = vec![(
-            LEASES.to_string(),
-            lease.ip.octets().to_vec(),
-            encode_record(&lease)?,
-        )];
-        if let Some(WithLease(make)) = with {
-            puts.push(make(lease.ip)?);
-        }
-        Ok((lease, puts))
-    });
-    let (lease, puts) = match puts {
-        Ok(made) => made,
+    let lease = match new_lease(state, owner, ip) {
+        Ok(lease) => lease,
         Err(e) => {
             let _ = reply.send(Err(e));
             return;
         }
     };
+    // A warm TAP goes with it when asked for and at hand; never made here.
+    let tap = with
+        .as_ref()
+        .filter(|w| w.tap && state.settings.enabled && state.host.is_some())
+        .and_then(|_| state.warm.pop_front());
+    let puts = (|| {
+        let mut puts = vec![(
+            LEASES.to_string(),
+            lease.ip.octets().to_vec(),
+            encode_record(&lease)?,
+        )];
+        if let Some(tap) = &tap {
+            puts.push((
+                TAPS.to_string(),
+                tap.as_bytes().to_vec(),
+                encode_record(&lease.owner)?,
+            ));
+        }
+        if let Some(with) = with {
+            puts.push((with.make)(lease.ip, tap.as_deref())?);
+        }
+        Ok::<_, ErrorData>(puts)
+    })();
+    let puts = match puts {
+        Ok(puts) => puts,
+        Err(e) => {
+            if let Some(tap) = tap {
+                state.warm.push_front(tap);
+            }
+            let _ = reply.send(Err(e));
+            return;
+        }
+    };
     state.leases.insert(lease.ip, lease.clone());
+    if let Some(tap) = &tap {
+        state.in_use.insert(tap.clone(), lease.owner.clone());
+        refill(myself, state);
+    }
     let written = state.store.put_all_sent(puts);
     let me = myself.clone();
     tokio::spawn(async move {
         let res = match written.await {
             Ok(()) => {
-                info!(ip = %lease.ip, owner = %lease.owner, "lease reserved");
-                Ok(lease)
+                info!(ip = %lease.ip, owner = %lease.owner, tap = ?tap, "lease reserved");
+                Ok(Reservation { lease, tap })
             }
             Err(e) => {
+                if let Some(tap) = tap {
+                    let _ = me.cast(TapsMsg::Unacquired {
+                        tap,
+                        owner: lease.owner.clone(),
+                    });
+                }
                 let _ = me.cast(TapsMsg::LeaseFailed {
                     ip: lease.ip,
                     owner: lease.owner,

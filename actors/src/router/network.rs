@@ -43,7 +43,7 @@ pub async fn handle(request: Request, rctx: &RequestCtx) -> Result<Response, Err
             timeout,
         )
         .await?
-        .map(Response::Lease),
+        .map(|r| Response::Lease(r.lease)),
         Request::LeaseRelease { owner } => {
             match ask(
                 names::TAPS,

@@ -324,8 +324,18 @@ async fn boot_steps(
     let timeout = Duration::from_secs(30);
     // The disks and the TAP do not depend on each other: the TAP pool's
     // durable write of the hand-out runs while the disks are made.
+    // A create's reservation hands out a warm TAP with the lease; it is
+    // this boot's to use (and to give back if the boot fails).
+    if let Some(tap) = rec.tap.clone() {
+        made.tap = Some(tap.clone());
+        log.stage_done(
+            "network",
+            format!("TAP {tap} (from the warm pool, with the reservation)"),
+            Instant::now(),
+        );
+    }
     let network = async {
-        if !(settings.network && rec.ip.is_some()) {
+        if !(settings.network && rec.ip.is_some()) || rec.tap.is_some() {
             return Ok(None);
         }
         let t = Instant::now();

@@ -196,17 +196,17 @@ impl VmsState {
             name: name.to_string(),
             settings: self.settings.clone(),
             store_timeout: self.store_timeout,
-            fresh: false,
+            fresh: None,
         }
     }
 
-    /// Starts the supervisor of `name`; `fresh` for a record a create has
-    /// just made (see [`VmArgs::fresh`]).
+    /// Starts the supervisor of `name`; `fresh` is the record a create has
+    /// just written (see [`VmArgs::fresh`]).
     async fn spawn_vm(
         &mut self,
         myself: &ActorRef<VmsMsg>,
         name: &str,
-        fresh: bool,
+        fresh: Option<Box<VmRecord>>,
     ) -> Result<ActorRef<VmMsg>, ErrorData> {
         let args = VmArgs {
             fresh,
@@ -531,7 +531,7 @@ impl Actor for VmManager {
         sweep_orphans(&state.settings, &kept).await;
         let names: Vec<String> = state.infos.keys().cloned().collect();
         for name in names {
-            match state.spawn_vm(&myself, &name, false).await {
+            match state.spawn_vm(&myself, &name, None).await {
                 Ok(actor) => {
                     // Its view after recovery, so that `vm list` never shows
                     // the stale state of the record.
@@ -666,13 +666,13 @@ impl Actor for VmManager {
                     Ok(rec) => {
                         state.infos.insert(name.clone(), rec.info(&state.settings));
                         state.lives.remove(&name);
-                        match state.spawn_vm(&myself, &name, true).await {
+                        match state.spawn_vm(&myself, &name, Some(rec)).await {
                             Ok(actor) => Ok(actor),
                             Err(e) => {
                                 state.infos.remove(&name);
                                 state.lives.remove(&name);
                                 forget_record(&state.store, &name).await;
-                                undo_lease(&name).await;
+                                undo_reservation(&name).await;
                                 Err(e)
                             }
                         }
@@ -818,18 +818,20 @@ async fn reserve_durably(
         }
         return Ok(rec);
     }
-    // The lease and the record, which holds its address, in one durable
-    // write.
+    // The lease, a warm TAP and the record, which holds both, in one
+    // durable write: the boot then has no TAP to wait for.
     let owner = lease_owner(&name);
     let with = {
         let (rec, key) = (rec.clone(), name.as_bytes().to_vec());
-        WithLease::new(move |ip| {
+        WithLease::new(move |ip, tap| {
             let rec = VmRecord {
                 ip: Some(ip),
+                tap: tap.map(str::to_string),
                 ..rec
             };
             Ok((record::TREE.to_string(), key, encode_record(&rec)?))
         })
+        .with_tap()
     };
     match ask(
         names::TAPS,
@@ -844,16 +846,18 @@ async fn reserve_durably(
     .await
     .and_then(|r| r)
     {
-        Ok(lease) => {
-            rec.ip = Some(lease.ip);
+        Ok(reserved) => {
+            rec.ip = Some(reserved.lease.ip);
+            rec.tap = reserved.tap;
             Ok(rec)
         }
         Err(e) => {
             // The answer may be lost, or the write may have been applied
-            // but not flushed: neither the lease nor the record may stay.
+            // but not flushed: neither the lease, the TAP nor the record
+            // may stay.
             if e.kind != ErrorKind::AlreadyExists && e.kind != ErrorKind::InvalidRequest {
                 forget_record(store, &name).await;
-                undo_lease(&name).await;
+                undo_reservation(&name).await;
             }
             Err(e)
         }
@@ -878,6 +882,14 @@ async fn forget_record(store: &StoreClient, name: &str) {
 
 async fn undo_lease(name: &str) {
     recover::release_lease(name).await;
+}
+
+/// Undoes a reservation: its lease and the TAP handed out with it.
+async fn undo_reservation(name: &str) {
+    undo_lease(name).await;
+    for tap in recover::taps_owned_by(&lease_owner(name)).await {
+        recover::release_tap(name, &tap).await;
+    }
 }
 
 #[cfg(test)]

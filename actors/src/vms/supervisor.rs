@@ -94,10 +94,11 @@ pub struct VmArgs {
     pub name: String,
     pub settings: VmSettings,
     pub store_timeout: Duration,
-    /// The record was just made by a create (a new id, never launched):
-    /// there is nothing of it on the host to recover, so the scan of
-    /// every process for its run dir is skipped.
-    pub fresh: bool,
+    /// The record a create has just written (a new id, never launched):
+    /// the supervisor starts from it without reading it back, and there is
+    /// nothing of it on the host to recover, so the scan of every process
+    /// for its run dir is skipped.
+    pub fresh: Option<Box<VmRecord>>,
 }
 
 /// Aborts a task when dropped (also when the actor is killed).
@@ -410,11 +411,17 @@ impl Actor for VmSupervisor {
         args: VmArgs,
     ) -> Result<VmActorState, ActorProcessingErr> {
         let store = StoreClient::new(args.store_timeout);
-        let rec: VmRecord = store
-            .get(super::record::TREE, args.name.as_bytes())
-            .await
-            .map_err(|e| format!("loading VM {}: {e}", args.name))?
-            .ok_or_else(|| format!("VM {} has no record", args.name))?;
+        let fresh = args
+            .fresh
+            .filter(|r| r.state == VmState::Created && r.process.is_none());
+        let rec: VmRecord = match &fresh {
+            Some(rec) => (**rec).clone(),
+            None => store
+                .get(super::record::TREE, args.name.as_bytes())
+                .await
+                .map_err(|e| format!("loading VM {}: {e}", args.name))?
+                .ok_or_else(|| format!("VM {} has no record", args.name))?,
+        };
         let mut state = VmActorState {
             rec,
             settings: args.settings,
@@ -432,9 +439,7 @@ impl Actor for VmSupervisor {
             stop_waiters: Vec::new(),
         };
         let stored = state.rec.clone();
-        let fresh =
-            args.fresh && state.rec.state == VmState::Created && state.rec.process.is_none();
-        if !fresh {
+        if fresh.is_none() {
             state.handle = super::recover::recover(&mut state.rec, &state.settings).await;
         }
         if state.rec.state == VmState::Crashed && state.rec.restart == RestartPolicy::No {
