@@ -8,7 +8,7 @@
 //! the process is bangerd's child it is also reaped.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -187,6 +187,41 @@ pub fn spawn_detached(cmd: Command, output: &Path) -> Result<ProcessId, VmmError
     }
 }
 
+/// [`spawn_detached`] on the blocking pool. `posix_spawn` suspends the
+/// calling thread until the child has exec'd, and the child (at nice 0)
+/// may wait for a CPU behind busier threads first: on a runtime worker
+/// that would stall every task queued on it, such as the other creates
+/// of a burst. If the caller stops waiting (a cancelled launch), the
+/// child is killed and reaped rather than left running with no owner.
+pub async fn spawn_detached_off_runtime(
+    cmd: Command,
+    output: PathBuf,
+) -> Result<ProcessId, VmmError> {
+    let binary = cmd.get_program().to_string_lossy().into_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::task::spawn_blocking(move || deliver_or_kill(tx, spawn_detached(cmd, &output)));
+    rx.await.map_err(|_| VmmError::Spawn {
+        binary,
+        source: std::io::Error::other("the spawning thread stopped"),
+    })?
+}
+
+type Spawned = Result<ProcessId, VmmError>;
+
+/// Hands a spawned process to the launch waiting for it; when nobody waits
+/// any more, kills and reaps it (blocking: a SIGKILLed child exits at once).
+fn deliver_or_kill(tx: tokio::sync::oneshot::Sender<Spawned>, spawned: Spawned) {
+    if let Err(Ok(id)) = tx.send(spawned) {
+        tracing::warn!(
+            pid = id.pid,
+            "the launch was cancelled while its VMM was spawned; killing it"
+        );
+        id.sigkill();
+        // SAFETY: waitpid on our own child.
+        unsafe { libc::waitpid(id.pid as i32, std::ptr::null_mut(), 0) };
+    }
+}
+
 /// For `pre_exec` of a child that must outlive and ignore bangerd: a
 /// session of its own (so signals to bangerd's process group and
 /// bangerd's death do not reach it; its own process group for killing it
@@ -359,6 +394,30 @@ mod tests {
         };
         assert!(!other.is_alive());
         assert_eq!(kill_and_wait(id).await, Exit::Signal(libc::SIGKILL));
+    }
+
+    #[tokio::test]
+    async fn a_spawn_off_the_runtime_is_handed_over_or_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("601");
+        let id = spawn_detached_off_runtime(cmd, dir.path().join("o"))
+            .await
+            .unwrap();
+        wait_for_cmdline(id, "sleep 601").await;
+        assert_eq!(kill_and_wait(id).await, Exit::Signal(libc::SIGKILL));
+
+        // Nobody waits any more (the launch was cancelled): killed and
+        // reaped, not left running.
+        let mut cmd = Command::new("sleep");
+        cmd.arg("602");
+        let id = spawn_detached(cmd, &dir.path().join("o")).unwrap();
+        assert!(id.is_alive());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        drop(rx);
+        deliver_or_kill(tx, Ok(id));
+        assert!(!id.is_alive(), "the orphaned VMM still runs");
+        assert!(matches!(try_reap(id.pid), Reap::NotOurs), "not reaped");
     }
 
     #[test]

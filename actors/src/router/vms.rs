@@ -462,10 +462,10 @@ async fn create_job(
                 c.cancelled().await;
                 let _ = vm2.cast(VmMsg::CancelStart);
             });
-            let r = follow(&inner, |p| {
-                log.progress_bytes(&p.stage, p.detail, p.bytes_done.zip(p.bytes_total))
-            })
-            .await;
+            // Copied with the time each event happened: the following
+            // starts once the supervisor has answered, after the boot's
+            // first steps.
+            let r = follow(&inner, |p| log.copy_from(&inner, p)).await;
             watcher.abort();
             r
         }

@@ -61,6 +61,18 @@ impl OpLog {
         self.tx.send_modify(|s| s.events.push(event));
     }
 
+    /// Appends an event of another operation's log that this one follows,
+    /// stamped with when it happened there rather than when it is copied:
+    /// `other` is that log; its events' `elapsed_ms` count from its start.
+    pub fn copy_from(&self, other: &OpLog, event: Progress) {
+        let offset = other.started.saturating_duration_since(self.started);
+        let event = Progress {
+            elapsed_ms: event.elapsed_ms + offset.as_millis() as u64,
+            ..event
+        };
+        self.tx.send_modify(|s| s.events.push(event));
+    }
+
     /// Appends an event carrying the stage's own duration.
     pub fn stage_done(&self, stage: &str, detail: impl AsRef<str>, since: Instant) {
         self.progress(
@@ -161,5 +173,28 @@ mod tests {
         let result = follow(&reader, |p| stages.push(p.stage)).await;
         assert_eq!(stages, ["resolve", "boot"]);
         assert_eq!(result.unwrap_err().kind, ErrorKind::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn copied_events_keep_when_they_happened() {
+        let outer = OpLog::new("create");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let inner = OpLog::new("create");
+        inner.progress("network", "TAP x");
+        let event = inner.tx.borrow().events[0].clone();
+        // Copied much later: still stamped with the time it happened.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        outer.copy_from(&inner, event.clone());
+        let copied = outer.tx.borrow().events[0].clone();
+        assert_eq!(
+            (copied.stage.as_str(), copied.detail.as_str()),
+            ("network", "TAP x")
+        );
+        assert!(copied.elapsed_ms >= 30, "{copied:?}");
+        assert!(
+            copied.elapsed_ms < 30 + 200,
+            "stamped when copied: {copied:?}"
+        );
+        assert!(copied.elapsed_ms >= event.elapsed_ms);
     }
 }

@@ -154,8 +154,11 @@ pub(crate) async fn release_lease(vm: &str) {
 /// the DNS actor), and its TAP is the record's or the one the pool handed
 /// to it.
 pub async fn recover(rec: &mut VmRecord, settings: &VmSettings) -> Option<Arc<dyn VmmHandle>> {
-    let run_dir = settings.vm_run_dir(&rec.id);
-    let procs = processes_mentioning(&run_dir.display().to_string());
+    let run_dir = settings.vm_run_dir(&rec.id).display().to_string();
+    // A walk of every process: off the runtime's workers.
+    let procs = tokio::task::spawn_blocking(move || processes_mentioning(&run_dir))
+        .await
+        .unwrap_or_default();
     let mut adopted = None;
     let candidate = rec
         .process
@@ -274,10 +277,11 @@ async fn agent_answers(handle: &dyn VmmHandle) -> bool {
 
 /// Removes a VM's disks, logs and run dir.
 pub async fn remove_files(rec: &VmRecord, settings: &VmSettings) -> Result<(), ErrorData> {
-    for dir in [settings.vm_dir(&rec.id), settings.vm_run_dir(&rec.id)] {
-        remove_dir(&dir)?;
-    }
-    Ok(())
+    let dirs = [settings.vm_dir(&rec.id), settings.vm_run_dir(&rec.id)];
+    // Freeing a disk's blocks takes a while: off the runtime's workers.
+    tokio::task::spawn_blocking(move || dirs.iter().try_for_each(|d| remove_dir(d)))
+        .await
+        .map_err(|e| ErrorData::new(ErrorKind::Internal, e.to_string()))?
 }
 
 pub fn remove_dir(dir: &Path) -> Result<(), ErrorData> {

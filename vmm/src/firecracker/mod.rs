@@ -393,7 +393,11 @@ impl VmmBackend for FirecrackerBackend {
         let console_start = std::fs::metadata(&spec.console_log)
             .map(|m| m.len())
             .unwrap_or(0);
-        let id = process::spawn_detached(self.command(spec, &paths), &spec.console_log)?;
+        let id = process::spawn_detached_off_runtime(
+            self.command(spec, &paths),
+            spec.console_log.clone(),
+        )
+        .await?;
         info!(pid = id.pid, binary = %self.binary.display(), "firecracker started");
         let spawned = std::time::Instant::now();
         let client = ApiClient::new(&paths.api_socket).with_timeout(API_TIMEOUT);

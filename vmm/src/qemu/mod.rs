@@ -313,7 +313,7 @@ impl VmmBackend for QemuBackend {
 
         let mut cmd = Command::new(&self.binary);
         cmd.args(args(spec));
-        let pid = process::spawn_detached(cmd, &paths.log)?;
+        let pid = process::spawn_detached_off_runtime(cmd, paths.log.clone()).await?;
         let spawned = std::time::Instant::now();
         let guard = KillOnDrop(Some(pid));
         tracing::debug!(pid = pid.pid, "QEMU spawned");
