@@ -37,6 +37,10 @@ pub enum StoreError {
         /// Opening it failed because the disk is full.
         full: bool,
     },
+    /// A write that adds data was refused: the disk has no room for the
+    /// ballast the database keeps for removals (see [`Ballast`]).
+    #[error("no space left on device for banger's database at {}", path.display())]
+    NoRoom { path: PathBuf },
 }
 
 /// Whether `err` says the disk is full. sled hands out copies of the
@@ -59,6 +63,7 @@ impl From<StoreError> for ErrorData {
         let full = match &err {
             StoreError::Db(e) | StoreError::Open { source: e, .. } => disk_full(e),
             StoreError::Closed { full, .. } => *full,
+            StoreError::NoRoom { .. } => true,
         };
         if full {
             return ErrorData::from_error(ErrorKind::InvalidState, &err).with_hint(
@@ -123,6 +128,13 @@ pub enum StoreMsg {
     },
     /// A flush beside the mailbox failed with an I/O error.
     Failed,
+    /// A removal whose flush found the disk full: done again once the
+    /// ballast is freed and the database opened again.
+    DeleteWithBallast {
+        tree: String,
+        key: Vec<u8>,
+        reply: RpcReplyPort<Result<bool, ErrorData>>,
+    },
 }
 
 impl std::fmt::Debug for StoreMsg {
@@ -137,6 +149,7 @@ impl std::fmt::Debug for StoreMsg {
             StoreMsg::Tail { .. } => "Tail",
             StoreMsg::Stats { .. } => "Stats",
             StoreMsg::Failed => "Failed",
+            StoreMsg::DeleteWithBallast { .. } => "DeleteWithBallast",
         };
         f.write_str(name)
     }
@@ -163,6 +176,72 @@ pub struct StoreState {
     /// again before the next message: what was acknowledged is on disk,
     /// and what failed was answered with an error.
     failed: bool,
+    ballast: Ballast,
+}
+
+/// Room kept for removals on the disk that holds the database.
+const BALLAST_BYTES: u64 = 4 << 20;
+
+/// A file of [`BALLAST_BYTES`] beside the database. On a full disk sled
+/// cannot even record a removal, so a failed create could not be undone
+/// nor a VM deleted, and the space would never come back. A removal that
+/// finds the disk full frees the ballast and is done again; writes that
+/// add data first make the ballast again, and are refused (the disk is
+/// full) while there is no room for it.
+#[derive(Debug)]
+struct Ballast {
+    path: PathBuf,
+}
+
+impl Ballast {
+    fn beside(db: &std::path::Path) -> Self {
+        let mut name = db.file_name().unwrap_or_default().to_os_string();
+        name.push(".ballast");
+        Self {
+            path: db.with_file_name(name),
+        }
+    }
+
+    /// Makes the ballast if it is missing (its blocks allocated, not a
+    /// sparse file); a half-made one is removed.
+    fn ensure(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        if self.path.exists() {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("ballast.tmp");
+        let made = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            // SAFETY: fallocate on a file we own.
+            let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, BALLAST_BYTES as i64) };
+            if r != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(err);
+                }
+                let zeros = vec![0u8; 64 << 10];
+                for _ in 0..BALLAST_BYTES / zeros.len() as u64 {
+                    file.write_all(&zeros)?;
+                }
+            }
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        made
+    }
+
+    /// Frees the ballast; whether there was one.
+    fn release(&self) -> bool {
+        let freed = std::fs::remove_file(&self.path).is_ok();
+        if freed {
+            warn!(path = %self.path.display(), "the disk is full: freed the store's ballast for a removal");
+        }
+        freed
+    }
 }
 
 /// Opens the database, waiting briefly if a previous incarnation of this
@@ -222,6 +301,78 @@ impl StoreState {
                 let _ = me.cast(StoreMsg::Failed);
             }
             let _ = reply.send(res.map_err(ErrorData::from));
+        });
+    }
+
+    /// Room for a write that adds data: the ballast is there, or can be
+    /// made again.
+    fn room(&self) -> Result<(), StoreError> {
+        match self.ballast.ensure() {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(StoreError::NoRoom {
+                path: self.path.clone(),
+            }),
+            Err(e) => {
+                // Not a full disk (say, a read-only ballast path): writes
+                // go on without the reserve rather than fail.
+                warn!(path = %self.ballast.path.display(), error = %e, "cannot make the store's ballast");
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes `key`. With `retry`, a removal that finds the disk full is
+    /// done again after the ballast is freed (see [`Ballast`]).
+    async fn delete(
+        &mut self,
+        myself: &ActorRef<StoreMsg>,
+        tree: String,
+        key: Vec<u8>,
+        reply: RpcReplyPort<Result<bool, ErrorData>>,
+        retry: bool,
+    ) {
+        let remove = |s: &Self| s.tree(&tree).and_then(|t| Ok(t.remove(key.as_slice())?));
+        let mut removed = remove(self);
+        // The disk is full: the removal itself, or the database could not
+        // be opened again after an earlier write found it full.
+        let full = match &removed {
+            Err(StoreError::Db(e)) => disk_full(e),
+            Err(StoreError::Closed { full, .. }) => *full,
+            _ => false,
+        };
+        if retry && full && self.ballast.release() {
+            self.reopen().await;
+            removed = remove(self);
+        }
+        let existed = match self.check(removed) {
+            Ok(old) => old.is_some(),
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let db = match self.db() {
+            Ok(db) => db.clone(),
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let (me, has_ballast) = (myself.clone(), self.ballast.path.exists());
+        tokio::task::spawn_blocking(move || match db.flush() {
+            Ok(_) => {
+                let _ = reply.send(Ok(existed));
+            }
+            Err(e) if retry && has_ballast && disk_full(&e) => {
+                let _ = me.cast(StoreMsg::DeleteWithBallast { tree, key, reply });
+            }
+            Err(e) => {
+                let err = StoreError::from(e);
+                if err.is_io() {
+                    let _ = me.cast(StoreMsg::Failed);
+                }
+                let _ = reply.send(Err(err.into()));
+            }
         });
     }
 
@@ -335,11 +486,16 @@ impl Actor for Store {
         let path = args.path.clone();
         let db = tokio::task::spawn_blocking(move || open(&path)).await??;
         info!(path = %args.path.display(), recovered = db.was_recovered(), "store opened");
+        let ballast = Ballast::beside(&args.path);
+        if let Err(e) = ballast.ensure() {
+            warn!(path = %ballast.path.display(), error = %e, "cannot make the store's ballast yet");
+        }
         Ok(StoreState {
             db: Some(db),
             full: false,
             path: args.path,
             failed: false,
+            ballast,
         })
     }
 
@@ -372,8 +528,26 @@ impl Actor for Store {
         // even reach the database would be worth dying for, and sled
         // reports those as errors too, so the actor never returns Err.
         // After an I/O error the database is opened again first.
-        if state.failed && !matches!(msg, StoreMsg::Failed) {
+        if state.failed && !matches!(msg, StoreMsg::Failed | StoreMsg::DeleteWithBallast { .. }) {
             state.reopen().await;
+        }
+        // Writes that add data need room for the ballast first.
+        let refused = match &msg {
+            StoreMsg::Put { .. } | StoreMsg::Batch { .. } | StoreMsg::PutAll { .. } => {
+                state.room().err()
+            }
+            _ => None,
+        };
+        if let Some(err) = refused {
+            match msg {
+                StoreMsg::Put { reply, .. }
+                | StoreMsg::Batch { reply, .. }
+                | StoreMsg::PutAll { reply, .. } => {
+                    let _ = reply.send(Err(err.into()));
+                }
+                _ => unreachable!("only writes are refused"),
+            }
+            return Ok(());
         }
         match msg {
             StoreMsg::Failed => state.failed = true,
@@ -427,13 +601,12 @@ impl Actor for Store {
                 let _ = reply.send(state.check(res).map_err(ErrorData::from));
             }
             StoreMsg::Delete { tree, key, reply } => {
-                let removed = state.tree(&tree).and_then(|t| Ok(t.remove(key)?));
-                match state.check(removed) {
-                    Ok(old) => state.ack_when_durable(&myself, reply, old.is_some()),
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
-                }
+                state.delete(&myself, tree, key, reply, true).await;
+            }
+            StoreMsg::DeleteWithBallast { tree, key, reply } => {
+                state.ballast.release();
+                state.reopen().await;
+                state.delete(&myself, tree, key, reply, false).await;
             }
             StoreMsg::Scan {
                 tree,
@@ -705,6 +878,33 @@ pub fn decode_record<T: DeserializeOwned>(tree: &str, bytes: &[u8]) -> Result<T,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ballast_is_allocated_beside_the_database_and_can_be_freed() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ballast = Ballast::beside(&dir.path().join("db"));
+        assert_eq!(ballast.path, dir.path().join("db.ballast"));
+        ballast.ensure().expect("make the ballast");
+        let meta = std::fs::metadata(&ballast.path).expect("the ballast exists");
+        assert_eq!(meta.len(), BALLAST_BYTES);
+        assert!(
+            meta.blocks() * 512 >= BALLAST_BYTES,
+            "its blocks are allocated, not a sparse file: {} blocks",
+            meta.blocks()
+        );
+        ballast.ensure().expect("already there");
+        assert!(ballast.release(), "freed");
+        assert!(!ballast.path.exists());
+        assert!(!ballast.release(), "nothing left to free");
+        ballast.ensure().expect("made again");
+        assert!(ballast.path.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, ["db.ballast"], "no temporary file left");
+    }
 
     #[tokio::test]
     async fn put_get_scan_tail_delete_roundtrip() {

@@ -29,6 +29,19 @@ fn create(image: &str, name: &str) -> Request {
     })
 }
 
+/// The Store's ballast (`db.ballast` beside the database) under `state`.
+fn ballast(state: &Path) -> Option<std::path::PathBuf> {
+    let dir = std::fs::read_dir(state).ok()?;
+    dir.filter_map(Result::ok).map(|e| e.path()).find_map(|p| {
+        let candidate = p.join("db.ballast");
+        if p.file_name().is_some_and(|n| n == "db.ballast") {
+            Some(p)
+        } else {
+            candidate.exists().then_some(candidate)
+        }
+    })
+}
+
 /// Fills the filesystem of `dir` with one file (returned), leaving no
 /// block free.
 fn fill(dir: &Path) -> std::path::PathBuf {
@@ -89,15 +102,18 @@ async fn a_full_disk_fails_a_create_cleanly_and_loses_nothing() {
     );
     assert_holds_only(&d, &mut c, &["keep"], &nft).await;
 
-    // More creates on the full disk: each writes and removes records,
-    // until the database's own file has no room left either (sled then
-    // fails every operation until it is opened again). Each still fails
-    // cleanly, saying the disk is full.
+    // More creates on the full disk. The database may still have room in
+    // its file for a reservation, whose undo must then remove the record
+    // on a disk with no room at all: the Store frees its ballast for that.
+    // After that, writes that add data are refused (no room for the
+    // ballast) until space is freed. Each create fails cleanly and says
+    // the disk is full.
     let mut store_failed = false;
     for i in 0..60 {
         let outcome = run(&mut c, create(&image, &format!("full{i}")), BOOT).await;
         match outcome.result {
             Err(ClientError::Daemon(e)) => {
+                eprintln!("create full{i}: {e} (hint: {:?})", e.hint);
                 let hint = e.hint.clone().unwrap_or_default();
                 assert!(hint.contains("full"), "create full{i}: {e:?}");
                 store_failed |= e.to_string().contains("database");
@@ -106,6 +122,10 @@ async fn a_full_disk_fails_a_create_cleanly_and_loses_nothing() {
         }
     }
     assert!(store_failed, "the database never ran out of room");
+    assert!(
+        ballast(&state).is_none(),
+        "an undo on the full disk used the store's ballast"
+    );
     assert_holds_only(&d, &mut c, &["keep"], &nft).await;
     let (status, out, _) = exec_eventually(&mut c, "keep", &["busybox", "hostname"], SHORT).await;
     assert_eq!((status, out.trim()), (ExitStatus::Code(0), "keep"));
@@ -114,6 +134,10 @@ async fn a_full_disk_fails_a_create_cleanly_and_loses_nothing() {
     std::fs::remove_file(&filler).expect("remove the filler");
     let again = vm(&mut c, create(&image, "full"), BOOT).await;
     assert_eq!(again.state, VmState::Running);
+    assert!(
+        ballast(&state).is_some(),
+        "the ballast is made again once there is room"
+    );
     assert_holds_only(&d, &mut c, &["keep", "full"], &nft).await;
     let (status, out, _) = exec_eventually(&mut c, "full", &["busybox", "hostname"], SHORT).await;
     assert_eq!((status, out.trim()), (ExitStatus::Code(0), "full"));
