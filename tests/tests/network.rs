@@ -440,7 +440,7 @@ async fn frames_through_a_pool_tap_are_answered_by_the_bridge() {
 }
 
 #[tokio::test]
-async fn an_empty_pool_creates_taps_on_demand_and_refills_in_the_background() {
+async fn more_acquires_than_warm_taps_get_distinct_taps_and_the_pool_refills() {
     let (d, _client, _) = network_daemon().await;
     // Five acquires at once on separate connections: the pool holds four.
     let mut clients = Vec::new();
@@ -456,13 +456,16 @@ async fn an_empty_pool_creates_taps_on_demand_and_refills_in_the_background() {
     .await;
     let names: BTreeSet<&String> = acquired.iter().map(|(t, _)| t).collect();
     assert_eq!(names.len(), 5, "five distinct TAPs: {acquired:?}");
+    // The pool held four: at most one was made on demand, or none when
+    // the background refill had already made a fifth by the time the last
+    // request was taken (the requests leave together but are served one
+    // after another; a busy machine spreads them). Every acquire on demand
+    // is checked where there is no pool at all
+    // (`without_a_pool_every_acquire_creates_a_tap_even_right_after_a_release`).
+    let warm = acquired.iter().filter(|(_, from_pool)| *from_pool).count();
     assert!(
-        acquired.iter().any(|(_, from_pool)| !from_pool),
-        "with 4 warm TAPs, one of 5 acquires is created on demand: {acquired:?}"
-    );
-    assert!(
-        acquired.iter().any(|(_, from_pool)| *from_pool),
-        "the first acquire came from the full pool: {acquired:?}"
+        warm >= 4,
+        "with 4 warm TAPs, at most one of 5 acquires is created on demand: {acquired:?}"
     );
 
     let mut client = d.client().await;
