@@ -191,6 +191,8 @@ const BALLAST_BYTES: u64 = 4 << 20;
 #[derive(Debug)]
 struct Ballast {
     path: PathBuf,
+    /// Known to be there (made or found), so writes need not look.
+    made: bool,
 }
 
 impl Ballast {
@@ -199,15 +201,17 @@ impl Ballast {
         name.push(".ballast");
         Self {
             path: db.with_file_name(name),
+            made: false,
         }
     }
 
     /// Makes the ballast if it is missing (its blocks allocated, not a
     /// sparse file); a half-made one is removed.
-    fn ensure(&self) -> std::io::Result<()> {
+    fn ensure(&mut self) -> std::io::Result<()> {
         use std::io::Write;
         use std::os::fd::AsRawFd;
-        if self.path.exists() {
+        if self.made || self.path.exists() {
+            self.made = true;
             return Ok(());
         }
         let tmp = self.path.with_extension("ballast.tmp");
@@ -228,14 +232,18 @@ impl Ballast {
             file.sync_all()?;
             std::fs::rename(&tmp, &self.path)
         })();
-        if made.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        match made {
+            Ok(()) => self.made = true,
+            Err(_) => {
+                let _ = std::fs::remove_file(&tmp);
+            }
         }
         made
     }
 
     /// Frees the ballast; whether there was one.
-    fn release(&self) -> bool {
+    fn release(&mut self) -> bool {
+        self.made = false;
         let freed = std::fs::remove_file(&self.path).is_ok();
         if freed {
             warn!(path = %self.path.display(), "the disk is full: freed the store's ballast for a removal");
@@ -284,6 +292,21 @@ impl StoreState {
         reply: RpcReplyPort<Result<T, ErrorData>>,
         value: T,
     ) {
+        self.ack_when_durable_or(myself, reply, value, None::<fn(_) -> StoreMsg>);
+    }
+
+    /// [`Self::ack_when_durable`]; when the flush finds the disk full and
+    /// `on_full` is given, the reply goes into the message it makes (sent
+    /// to this actor) instead of answering with the error.
+    fn ack_when_durable_or<T: Send + 'static>(
+        &self,
+        myself: &ActorRef<StoreMsg>,
+        reply: RpcReplyPort<Result<T, ErrorData>>,
+        value: T,
+        on_full: Option<
+            impl FnOnce(RpcReplyPort<Result<T, ErrorData>>) -> StoreMsg + Send + 'static,
+        >,
+    ) {
         let db = match self.db() {
             Ok(db) => db.clone(),
             Err(e) => {
@@ -295,18 +318,28 @@ impl StoreState {
         // A blocking flush on the blocking pool: sled 0.34's `flush_async`
         // deadlocks when several run at once (spacejam/sled#1308), and
         // here several do.
-        tokio::task::spawn_blocking(move || {
-            let res = db.flush().map(|_| value).map_err(StoreError::from);
-            if res.as_ref().is_err_and(StoreError::is_io) {
-                let _ = me.cast(StoreMsg::Failed);
+        tokio::task::spawn_blocking(move || match db.flush() {
+            Ok(_) => {
+                let _ = reply.send(Ok(value));
             }
-            let _ = reply.send(res.map_err(ErrorData::from));
+            Err(e) if on_full.is_some() && disk_full(&e) => {
+                if let Some(retry) = on_full {
+                    let _ = me.cast(retry(reply));
+                }
+            }
+            Err(e) => {
+                let err = StoreError::from(e);
+                if err.is_io() {
+                    let _ = me.cast(StoreMsg::Failed);
+                }
+                let _ = reply.send(Err(err.into()));
+            }
         });
     }
 
     /// Room for a write that adds data: the ballast is there, or can be
     /// made again.
-    fn room(&self) -> Result<(), StoreError> {
+    fn room(&mut self) -> Result<(), StoreError> {
         match self.ballast.ensure() {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(StoreError::NoRoom {
@@ -351,29 +384,9 @@ impl StoreState {
                 return;
             }
         };
-        let db = match self.db() {
-            Ok(db) => db.clone(),
-            Err(e) => {
-                let _ = reply.send(Err(e.into()));
-                return;
-            }
-        };
-        let (me, has_ballast) = (myself.clone(), self.ballast.path.exists());
-        tokio::task::spawn_blocking(move || match db.flush() {
-            Ok(_) => {
-                let _ = reply.send(Ok(existed));
-            }
-            Err(e) if retry && has_ballast && disk_full(&e) => {
-                let _ = me.cast(StoreMsg::DeleteWithBallast { tree, key, reply });
-            }
-            Err(e) => {
-                let err = StoreError::from(e);
-                if err.is_io() {
-                    let _ = me.cast(StoreMsg::Failed);
-                }
-                let _ = reply.send(Err(err.into()));
-            }
-        });
+        let on_full = (retry && self.ballast.made)
+            .then_some(move |reply| StoreMsg::DeleteWithBallast { tree, key, reply });
+        self.ack_when_durable_or(myself, reply, existed, on_full);
     }
 
     fn db(&self) -> Result<&sled::Db, StoreError> {
@@ -486,7 +499,7 @@ impl Actor for Store {
         let path = args.path.clone();
         let db = tokio::task::spawn_blocking(move || open(&path)).await??;
         info!(path = %args.path.display(), recovered = db.was_recovered(), "store opened");
-        let ballast = Ballast::beside(&args.path);
+        let mut ballast = Ballast::beside(&args.path);
         if let Err(e) = ballast.ensure() {
             warn!(path = %ballast.path.display(), error = %e, "cannot make the store's ballast yet");
         }
@@ -883,7 +896,7 @@ mod tests {
     fn the_ballast_is_allocated_beside_the_database_and_can_be_freed() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().expect("tempdir");
-        let ballast = Ballast::beside(&dir.path().join("db"));
+        let mut ballast = Ballast::beside(&dir.path().join("db"));
         assert_eq!(ballast.path, dir.path().join("db.ballast"));
         ballast.ensure().expect("make the ballast");
         let meta = std::fs::metadata(&ballast.path).expect("the ballast exists");
