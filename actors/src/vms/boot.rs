@@ -322,8 +322,6 @@ async fn boot_steps(
     made: &mut Made,
 ) -> Result<Booted, ErrorData> {
     let timeout = Duration::from_secs(30);
-    // The disks and the TAP do not depend on each other: the TAP pool's
-    // durable write of the hand-out runs while the disks are made.
     // A create's reservation hands out a warm TAP with the lease; it is
     // this boot's to use (and to give back if the boot fails).
     if let Some(tap) = rec.tap.clone() {
@@ -334,6 +332,9 @@ async fn boot_steps(
             Instant::now(),
         );
     }
+    // Otherwise one is taken now. The disks and the TAP do not depend on
+    // each other: the TAP pool's durable write of the hand-out runs while
+    // the disks are made.
     let network = async {
         if !(settings.network && rec.ip.is_some()) || rec.tap.is_some() {
             return Ok(None);

@@ -414,8 +414,9 @@ impl Actor for VmSupervisor {
         let fresh = args
             .fresh
             .filter(|r| r.state == VmState::Created && r.process.is_none());
-        let rec: VmRecord = match &fresh {
-            Some(rec) => (**rec).clone(),
+        let is_fresh = fresh.is_some();
+        let rec: VmRecord = match fresh {
+            Some(rec) => *rec,
             None => store
                 .get(super::record::TREE, args.name.as_bytes())
                 .await
@@ -439,7 +440,7 @@ impl Actor for VmSupervisor {
             stop_waiters: Vec::new(),
         };
         let stored = state.rec.clone();
-        if fresh.is_none() {
+        if !is_fresh {
             state.handle = super::recover::recover(&mut state.rec, &state.settings).await;
         }
         if state.rec.state == VmState::Crashed && state.rec.restart == RestartPolicy::No {
